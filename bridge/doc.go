@@ -1,0 +1,44 @@
+// Package bridge is the façade that gopy turns into the CPython extension
+// peft_loraone._engine. It is the only package gopy sees.
+//
+// # Overview
+//
+// Python hands the bridge the addresses of DLPack managed tensors (the gradient
+// or weight to factor, and the output tensors it allocated) together with plain
+// option values. The bridge validates them through package dlpack, builds
+// loraone views over the foreign memory, calls package loraone and writes the
+// results into the output tensors. Nothing is copied across the boundary and Go
+// never hands Go memory to Python.
+//
+// # Rules for callers
+//
+// Python must keep every capsule alive and unrenamed until the call returns, or,
+// for an asynchronous job, until [Pool.Wait] has returned for it. The bridge
+// keeps no view after that.
+//
+// # Errors
+//
+// gopy can only raise RuntimeError with the error's text, so every error the
+// bridge returns starts with a stable kind followed by ": ":
+//
+//	invalid-argument    shape, stride, rank, option or version problems
+//	unsupported-dtype   an element type the engine does not read or write
+//	unsupported-device  a tensor that is not in CPU memory
+//	read-only           an output tensor marked read-only
+//	non-finite          NaN or Inf in the input
+//	zero-gradient       an all-zero input (sigma1 = 0)
+//	internal            a recovered Go panic (a bug: please report it)
+//
+// The Python layer maps the kind to an exception class.
+//
+// # Panics
+//
+// Every exported function and every worker goroutine recovers panics and turns
+// them into an "internal:" error, because a Go panic would otherwise kill the
+// Python interpreter.
+//
+// # State
+//
+// The package has no global mutable state. Asynchronous work goes through a
+// [Pool] that Python creates once and keeps.
+package bridge // import "github.com/peft-loraone/peft-loraone/bridge"
