@@ -1,0 +1,81 @@
+// Package loraone is the pure-Go numerical core of peft-loraone: it
+// computes LoRA-One (and, for comparison, LoRA-GA and PiSSA) adapter
+// initializations from truncated SVDs of gradients or weights that live in
+// foreign memory (torch or numpy tensors viewed in place).
+//
+// # Overview
+//
+// LoRA-One (Zhang, Liu, Chen, arXiv 2502.01235) initializes a LoRA pair
+// from the top-r singular subspaces of the one-step full-fine-tuning
+// gradient G (m×n, m = out features, n = in features). The work is one
+// truncated SVD, done by RandSVD: a randomized subspace iteration with a
+// Gaussian start block of k = min(r+p, min(m, n)) columns, a thin
+// Householder QR (Geqrf + Orgqr) after every product with G or Gᵀ, and an
+// exact SVD (Gesvd) of a k×k triangle only. Every pass over G yields a
+// rank-r estimate for free,
+//
+//	after Y = G·Q_z = Q_y·R_y:    G·P_{Q_z} = Q_y·R_y·Q_zᵀ
+//	after Z = Gᵀ·Q_y = Q_z·R_z:   P_{Q_y}·G = Q_y·R_zᵀ·Q_zᵀ
+//
+// and the iteration stops when two consecutive estimates X differ by
+// ‖X_t − X_{t−1}‖_F / ‖X_t‖_F <= Options.Tol, or after Options.MaxIters
+// power iterations (at most 2 + 2·MaxIters passes). The answer comes from
+// the last pass. See DefaultOptions for the defaults and why.
+//
+// # Formulas
+//
+// With U, S, V the top singular triplets and σ₁ = S[0]:
+//
+//	LoRA-One  (SVD of −G, rank r):
+//	    B = U_r·diag(√S_r)/√(γσ₁),  A = diag(√S_r)·V_rᵀ/√(γσ₁),  B·A = [−G]_r/(γσ₁)
+//	LoRA-GA   (SVD of +G, rank 2r; the LoRA-One reference fork's variant):
+//	    A = V[:, 0:r]ᵀ·m^¼/√γ,  B = U[:, r:2r]·m^¼/√γ;  caller: W0 ← W0 − s·B·A
+//	PiSSA     (SVD of the weight W, rank r, scaling s):
+//	    B = U_r·diag(√(S_r/s)),  A = diag(√(S_r/s))·V_rᵀ;   caller: W0 ← W0 − s·B·A
+//
+// B is PEFT's lora_B (m×r) and A is lora_A (r×n). Singular vectors are
+// defined up to a common sign per pair; B·A does not depend on it.
+//
+// # Layouts and dtypes
+//
+// A Matrix is a read-only view of a logical m×n matrix. If Trans is false,
+// element (i, j) is at i*Stride + j (row-major, Stride >= Cols); if Trans is
+// true it is at j*Stride + i (column-major, Stride >= Rows), which is how a
+// transposed torch tensor or a Fortran-ordered array looks. Elements are
+// Float64, Float32, Float16 or BFloat16 (the last two as uint16 bits).
+// Inputs are read in place and never copied whole: float64 views go to
+// Dgemm directly, float32 views to Sgemm (the k-column panels are converted
+// to float32), and half views are converted 64 stored rows at a time into
+// a float32 buffer. Panels, QR and the small SVD are float64, so float32
+// and half inputs give float64 factors accurate to float32 rounding of the
+// products (about 1e-7 relative).
+//
+// A Dense is a writable output view with the same layout rules, holding
+// float32 or float64. Outputs are written only after everything succeeded,
+// and only their Rows×Cols elements (never the padding). Outputs b and a
+// must not overlap each other.
+//
+// # Errors
+//
+// Inputs and outputs are checked first, so misuse never panics. Every error
+// wraps one sentinel, test it with errors.Is:
+//
+//	ErrShape      bad dimensions, stride or slice length; wrong output shape
+//	ErrDType      unknown dtype, or not exactly one backing slice set
+//	ErrRank       r < 1, r > min(m, n), or 2r > min(m, n) for LoRA-GA
+//	ErrNonFinite  NaN/Inf in the input (the message names a row and
+//	              column), or values so large that a product overflows
+//	ErrZero       all-zero input (σ₁ = 0): keep the placeholder init
+//	ErrArgument   gamma or scaling not finite and > 0; negative
+//	              Oversampling, MaxIters or Tol
+//
+// The input is not pre-scanned: it is searched for a NaN or Inf only after
+// a product came out non-finite. Rank-deficient inputs are not errors: the
+// missing singular values come out ~0 and the factors stay finite.
+//
+// # Concurrency
+//
+// There is no global mutable state; each call allocates its own scratch, so
+// concurrent calls from several goroutines are safe (reading the same input
+// concurrently is fine). Results are deterministic for a given Options.Seed.
+package loraone // import "github.com/peft-loraone/peft-loraone/loraone"

@@ -1,0 +1,182 @@
+package loraone
+
+import (
+	"fmt"
+	"math"
+)
+
+// Result describes a computed initialization.
+type Result struct {
+	// S holds the top singular values used: length r for LoRA-One and
+	// PiSSA, 2r for LoRA-GA. Descending, >= 0.
+	S []float64
+	// Sigma1 is S[0], the spectral norm estimate of the input.
+	Sigma1    float64
+	Accuracy  float64 // SVD.Accuracy of the underlying RandSVD
+	Passes    int     // SVD.Passes
+	Converged bool    // SVD.Converged
+}
+
+func result(s *SVD) Result {
+	return Result{S: s.S, Sigma1: s.S[0], Accuracy: s.Accuracy, Passes: s.Passes, Converged: s.Converged}
+}
+
+func checkPositive(name string, x float64) error {
+	if !(x > 0) || math.IsInf(x, 0) {
+		return fmt.Errorf("loraone: %s = %v must be finite and > 0: %w", name, x, ErrArgument)
+	}
+	return nil
+}
+
+// prepare validates the scalar, the input, the rank and both outputs
+// (b m×r, a r×n) and returns the rank to decompose at.
+func prepare(b, a Dense, g Matrix, name string, x float64, opt Options, rankMul int) (int, error) {
+	if err := checkPositive(name, x); err != nil {
+		return 0, err
+	}
+	if err := g.Validate(); err != nil {
+		return 0, err
+	}
+	m, n, r := g.Rows, g.Cols, opt.Rank
+	what := "rank"
+	if rankMul == 2 {
+		what = "2·rank (LoRA-GA)"
+	}
+	if r < 1 {
+		return 0, fmt.Errorf("loraone: rank %d < 1: %w", r, ErrRank)
+	}
+	if err := opt.check(m, n, rankMul*r, what); err != nil {
+		return 0, err
+	}
+	if err := b.check("output b", m, r); err != nil {
+		return 0, err
+	}
+	if err := a.check("output a", r, n); err != nil {
+		return 0, err
+	}
+	return rankMul * r, nil
+}
+
+// LoRAOne writes the LoRA-One initialization computed from the one-step
+// full-fine-tuning gradient g (m×n, m = out features, n = in features)
+// into b (lora_B, m×r) and a (lora_A, r×n), r = opt.Rank:
+//
+//	−G ≈ U_r · diag(S_r) · V_rᵀ          (RandSVD of −G)
+//	B  = U_r · diag(√S_r) / √(γ·σ₁)
+//	A  = diag(√S_r) · V_rᵀ / √(γ·σ₁)
+//	B·A = [−G]_r / (γ·σ₁)                 σ₁ = S_r[0]
+//
+// so s·B·A is one gradient step truncated to rank r with spectral norm
+// s/γ. W0 is not modified. −G is never formed: the SVD of G is computed
+// and the sign goes to A (−G = U·S·(−V)ᵀ).
+//
+// gamma must be finite and > 0 (ErrArgument). A zero gradient (σ₁ = 0)
+// returns ErrZero: leave that module at its placeholder init (B = 0).
+// On any error b and a are untouched. They are written only at the end,
+// after g was last read, and must not overlap each other.
+//
+// Cost: Result.Passes products of G or Gᵀ with an n×k or m×k block
+// (k = min(r + Oversampling, min(m, n))), O((m+n)·k) float64 memory.
+func LoRAOne(b, a Dense, g Matrix, gamma float64, opt Options) (Result, error) {
+	k, err := prepare(b, a, g, "gamma", gamma, opt, 1)
+	if err != nil {
+		return Result{}, err
+	}
+	s, err := randSVD(g, k, opt)
+	if err != nil {
+		return Result{}, err
+	}
+	m, n, r := g.Rows, g.Cols, opt.Rank
+	c := 1 / (math.Sqrt(gamma) * math.Sqrt(s.S[0])) // no overflow in gamma·sigma1
+	bb := make([]float64, m*r)                      // Shape: (m, r)
+	ab := make([]float64, r*n)                      // Shape: (r, n)
+	for j := 0; j < r; j++ {
+		f := math.Sqrt(s.S[j]) * c
+		for i := 0; i < m; i++ {
+			bb[i*r+j] = s.U.At(i, j) * f
+		}
+		for i := 0; i < n; i++ {
+			ab[j*n+i] = -s.V.At(i, j) * f // sign of −G
+		}
+	}
+	b.set(bb)
+	a.set(ab)
+	return result(s), nil
+}
+
+// LoRAGA writes the reference LoRA-GA initialization (arXiv 2407.05000,
+// as in the LoRA-One reference fork) from gradient g (m×n) into b (m×r)
+// and a (r×n):
+//
+//	G ≈ U_{2r} · diag(S_{2r}) · V_{2r}ᵀ   (RandSVD of +G at rank 2r)
+//	A = V[:, 0:r]ᵀ  · m^¼ / √γ
+//	B = U[:, r:2r]  · m^¼ / √γ
+//
+// No singular values enter the factors. The caller offsets the weight,
+// W0 ← W0 − s·B·A, so the function is unchanged at step 0. (PEFT's merged
+// lora_ga differs: it scales B by singular values and only B.)
+//
+// Needs 2r <= min(m, n) (ErrRank); Result.S has length 2r. Errors and
+// write rules as LoRAOne.
+func LoRAGA(b, a Dense, g Matrix, gamma float64, opt Options) (Result, error) {
+	k, err := prepare(b, a, g, "gamma", gamma, opt, 2)
+	if err != nil {
+		return Result{}, err
+	}
+	s, err := randSVD(g, k, opt)
+	if err != nil {
+		return Result{}, err
+	}
+	m, n, r := g.Rows, g.Cols, opt.Rank
+	f := math.Pow(float64(m), 0.25) / math.Sqrt(gamma)
+	bb := make([]float64, m*r) // Shape: (m, r)
+	ab := make([]float64, r*n) // Shape: (r, n)
+	for j := 0; j < r; j++ {
+		for i := 0; i < m; i++ {
+			bb[i*r+j] = s.U.At(i, r+j) * f
+		}
+		for i := 0; i < n; i++ {
+			ab[j*n+i] = s.V.At(i, j) * f
+		}
+	}
+	b.set(bb)
+	a.set(ab)
+	return result(s), nil
+}
+
+// PiSSA writes the PiSSA initialization of weight w (m×n) into b (m×r)
+// and a (r×n), for a layer with scaling s > 0 (alpha/r or alpha/√r):
+//
+//	W ≈ U_r · diag(S_r) · V_rᵀ
+//	B = U_r · diag(√(S_r/s))
+//	A = diag(√(S_r/s)) · V_rᵀ
+//	s·B·A = [W]_r
+//
+// The caller offsets the weight, W0 ← W0 − s·B·A. scaling must be finite
+// and > 0 (ErrArgument); a zero weight returns ErrZero. Errors and write
+// rules as LoRAOne.
+func PiSSA(b, a Dense, w Matrix, scaling float64, opt Options) (Result, error) {
+	k, err := prepare(b, a, w, "scaling", scaling, opt, 1)
+	if err != nil {
+		return Result{}, err
+	}
+	s, err := randSVD(w, k, opt)
+	if err != nil {
+		return Result{}, err
+	}
+	m, n, r := w.Rows, w.Cols, opt.Rank
+	bb := make([]float64, m*r) // Shape: (m, r)
+	ab := make([]float64, r*n) // Shape: (r, n)
+	for j := 0; j < r; j++ {
+		f := math.Sqrt(s.S[j] / scaling)
+		for i := 0; i < m; i++ {
+			bb[i*r+j] = s.U.At(i, j) * f
+		}
+		for i := 0; i < n; i++ {
+			ab[j*n+i] = s.V.At(i, j) * f
+		}
+	}
+	b.set(bb)
+	a.set(ab)
+	return result(s), nil
+}
