@@ -1,0 +1,639 @@
+r"""LoRA-One initialization of a PEFT LoRA adapter: one-step full gradient -> engine -> ``lora_A``/``lora_B``.
+
+For every LoRA layer of the adapter whose base layer is a ``Linear`` (or GPT-2's ``Conv1D``), with G the
+gradient of the training loss with respect to its base weight $W_0$ (averaged over the batches, with
+every adapter disabled, which is the base model's gradient since LoRA starts at B = 0):
+
+    B = U_r sqrt(S_r) / sqrt(gamma * sigma1)      # Shape: (out_features, r)
+    A = sqrt(S_r) V_r^T / sqrt(gamma * sigma1)    # Shape: (r, in_features)
+    s * B @ A = (s / (gamma * sigma1)) * [-G]_r
+
+where ``U_r, S_r, V_r`` are the top-r singular triplets of -G (computed by the Go engine), sigma1 its
+largest singular value and ``s`` the layer's scaling. W0 is not modified; the initialized model is one
+full fine-tuning gradient step, truncated to rank r, with spectral norm s/gamma.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import _peft_hook
+from ._capture import GradientCapture, Target
+from ._peft_hook import is_loraone
+from .config import LoraOneConfig
+from .errors import LoraOneWarning
+from .report import InitReport, ModuleReport, SkippedModule
+
+__all__ = ["get_peft_model", "initialize"]
+
+_SUPPORTED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_QUANT_BACKENDS = ("bnb", "gptq", "awq", "aqlm", "eetq", "hqq", "torchao", "inc", "hadamard", "quanto", "fp8")
+_REPORTS_ATTR = "_peft_loraone_reports"
+
+Data = Union[Iterable[Any], Callable[..., Any]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model inspection
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _tuner(model: nn.Module):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraModel
+
+    if isinstance(model, PeftModel):
+        tuner = model.base_model
+    else:
+        tuner = model
+    if not isinstance(tuner, LoraModel):
+        raise TypeError(
+            "peft_loraone.initialize expects a PEFT LoRA model (the result of peft.get_peft_model with a "
+            f"LoraConfig), got {type(model).__name__}."
+        )
+    return tuner
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    module = type(layer).__module__
+    if any(f".lora.{backend}" in module for backend in _QUANT_BACKENDS):
+        return True
+    if weight is None:
+        return False
+    if getattr(weight, "quant_state", None) is not None or getattr(base, "quant_state", None) is not None:
+        return True
+    if type(weight).__name__ in ("Params4bit", "Int8Params"):
+        return True
+    return isinstance(weight, torch.Tensor) and weight.dtype not in _SUPPORTED_FLOATS
+
+
+def _layer_kind(layer: nn.Module) -> str:
+    """'linear', 'quantized' or the name of an unsupported layer type."""
+    from peft.tuners.lora import layer as lora_layer
+
+    if _is_quantized(layer):
+        return "quantized"
+    if type(layer) is lora_layer.Linear or (
+        isinstance(layer, lora_layer.Linear) and type(layer).__module__.startswith("peft.tuners.lora.layer")
+    ):
+        return "linear"
+    return type(layer).__name__
+
+
+def _lora_layers(tuner: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
+    """LoRA layers holding ``adapter_name``, outermost first; layers nested inside another LoRA layer's base
+    (MultiheadAttention's ``out_proj``) belong to their parent and are left out."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    found: list[tuple[str, nn.Module]] = []
+    parents: list[str] = []
+    for name, module in tuner.model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.r:
+            continue
+        if any(name.startswith(p + ".") for p in parents):
+            continue
+        parents.append(name)
+        found.append((name, module))
+    return found
+
+
+def _all_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+
+_END = object()
+
+
+def _is_train_step(data: Any) -> bool:
+    return callable(data) and not isinstance(data, (Iterable, Mapping, torch.Tensor, nn.Module))
+
+
+def _batches(data: Iterable[Any], limit: int):
+    """Yield ``(batch, is_last)`` for at most ``limit`` batches; looks one batch ahead to know the last."""
+    it = iter(data)
+    current = next(it, _END)
+    if current is _END:
+        raise ValueError("peft_loraone.initialize: `data` yielded no batches.")
+    for index in range(limit):
+        upcoming = _END if index == limit - 1 else next(it, _END)
+        yield current, upcoming is _END
+        if upcoming is _END:
+            return
+        current = upcoming
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device) if obj.device != device else obj
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _batch_size(batch: Any) -> Optional[int]:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else None
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.ndim:
+            return int(v.shape[0])
+    return None
+
+
+def _loss(model: nn.Module, batch: Any, loss_fn: Optional[Callable[[Any, Any], Any]]) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        output = model(**batch)
+    elif isinstance(batch, (list, tuple)):
+        output = model(*batch)
+    else:
+        output = model(batch)
+    if loss_fn is not None:
+        loss = loss_fn(output, batch)
+    else:
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if loss is None:
+            raise ValueError(
+                "peft_loraone.initialize: the model output has no `loss`; put labels in the batches or pass "
+                "LoraOneConfig(loss_fn=lambda output, batch: ...)."
+            )
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"peft_loraone.initialize: the loss must be a scalar tensor, got "
+            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}."
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "peft_loraone.initialize: the loss does not depend on any target weight (no grad_fn); check "
+            "target_modules and that the forward pass uses them."
+        )
+    return loss.reshape(())
+
+
+def _call_train_step(train_step: Callable[..., Any], model: nn.Module) -> None:
+    try:
+        inspect.signature(train_step).bind(model)
+    except TypeError:
+        train_step()  # PEFT's LoRA-GA convention: train_step()
+    except ValueError:  # no signature available (builtins)
+        train_step(model)
+    else:
+        train_step(model)
+
+
+def _progress(iterable: Any, *, enabled: bool, **kwargs: Any):
+    if enabled and torch.distributed.is_available() and torch.distributed.is_initialized():
+        enabled = torch.distributed.get_rank() == 0
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    for p in layer.get_base_layer().parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")
+
+
+def _materialize(layer: nn.Module, adapter_name: str, peft_config: Any) -> bool:
+    """Give meta adapter tensors (``low_cpu_mem_usage=True``) real storage at PEFT's default init."""
+    device = _device_of(layer)
+    changed = False
+    for attr in ("lora_A", "lora_B"):
+        modules = getattr(layer, attr, {})
+        if adapter_name in modules and any(p.is_meta for p in modules[adapter_name].parameters()):
+            modules[adapter_name].to_empty(device=device)
+            changed = True
+    for attr in ("lora_embedding_A", "lora_embedding_B"):
+        params = getattr(layer, attr, {})
+        if adapter_name in params and params[adapter_name].is_meta:
+            old = params[adapter_name]
+            params[adapter_name] = nn.Parameter(torch.empty_like(old, device=device), requires_grad=old.requires_grad)
+            changed = True
+    if changed:
+        with torch.no_grad():
+            layer.reset_lora_parameters(adapter_name, True)
+    magnitudes = getattr(layer, "lora_magnitude_vector", {})
+    if adapter_name in magnitudes and any(p.is_meta for p in magnitudes[adapter_name].parameters()):
+        layer.lora_variant[adapter_name].init(layer, adapter_name=adapter_name, config=peft_config)
+        changed = True
+    return changed
+
+
+def _dora_magnitude(t: Target, adapter_name: str) -> torch.Tensor:
+    """DoRA's magnitude at init: the row norms of W0 + s·B·A (PEFT's ``get_weight_norm``)."""
+    layer = t.layer
+    base = t.weight.detach()
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    w = (base.t() if t.fan_in_fan_out else base).to(dtype)  # Shape: (out_features, in_features)
+    lora_a = layer.lora_A[adapter_name].weight.detach().to(dtype)
+    lora_b = layer.lora_B[adapter_name].weight.detach().to(dtype)
+    return torch.linalg.norm(w + t.scaling * (lora_b @ lora_a), dim=1)
+
+
+def _write(done: list[Target], adapter_name: str) -> None:
+    """Copy every computed factor into the adapter, in place and in the adapter's dtype."""
+    staged = []
+    for t in done:
+        a_param = t.layer.lora_A[adapter_name].weight  # Shape: (r, in_features)
+        b_param = t.layer.lora_B[adapter_name].weight  # Shape: (out_features, r)
+        k = t.rank
+        new_a = a_param.detach().clone()
+        new_a[:k].copy_(t.out_a)  # rows beyond min(r, out, in) keep PEFT's Kaiming init
+        new_b = torch.zeros_like(b_param)
+        new_b[:, :k].copy_(t.out_b)
+        staged.append((a_param, new_a, b_param, new_b))
+    with torch.no_grad():
+        for a_param, new_a, b_param, new_b in staged:
+            a_param.copy_(new_a)
+            b_param.copy_(new_b)
+        for t in done:
+            magnitudes = getattr(t.layer, "lora_magnitude_vector", {})
+            if adapter_name in magnitudes:
+                dora = magnitudes[adapter_name]
+                dora.weight.copy_(_dora_magnitude(t, adapter_name).to(dora.weight.dtype))
+                if hasattr(dora, "_cache_clear"):
+                    dora._cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# provenance next to saved adapters
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _SaveWithProvenance:
+    """Instance attribute that shadows ``PeftModel.save_pretrained`` on an initialized model: saves as PEFT does,
+    then writes the provenance file of each saved, LoRA-One-initialized adapter next to it. A plain object (not a
+    bound method), so the model still deep-copies and pickles."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        import os
+
+        model = self.model
+        type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        reports: dict[str, InitReport] = model.__dict__.get(_REPORTS_ATTR, {})
+        selected = kwargs.get("selected_adapters") or (args[1] if len(args) > 1 else None) or list(model.peft_config)
+        for name in selected:
+            if name in reports:
+                reports[name].save(save_directory if name == "default" else os.path.join(save_directory, name))
+
+
+def _remember(model: nn.Module, report: InitReport) -> None:
+    from peft import PeftModel
+
+    reports = model.__dict__.setdefault(_REPORTS_ATTR, {})
+    reports[report.adapter_name] = report
+    if isinstance(model, PeftModel) and "save_pretrained" not in model.__dict__:
+        object.__setattr__(model, "save_pretrained", _SaveWithProvenance(model))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import peft
+
+    try:
+        own = version("peft-loraone")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {"peft_loraone": own, "peft": peft.__version__, "torch": torch.__version__}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def initialize(
+    model: nn.Module,
+    data: Data,
+    *,
+    adapter_name: str = "default",
+    config: Optional[LoraOneConfig] = None,
+    **config_overrides: Any,
+) -> InitReport:
+    r"""Initialize the LoRA adapter ``adapter_name`` of ``model`` with LoRA-One, in place.
+
+    For each target layer with base weight $W_0$ (shape out x in) and LoRA rank r, scaling s:
+
+        G = (1/N) sum_i dL(batch_i)/dW0            (all adapters disabled: the base model's gradient)
+        U, S, V = top-r SVD of -G,  sigma1 = S[0]
+        lora_B = U diag(sqrt(S)) / sqrt(gamma sigma1),   lora_A = diag(sqrt(S)) V^T / sqrt(gamma sigma1)
+
+    so ``layer.get_delta_weight(adapter) == (s / (gamma sigma1)) [-G]_r`` (transposed for Conv1D). Gradients are
+    captured with only the target base weights requiring grad and accumulated in float32; every
+    ``requires_grad`` flag, ``.grad``, the train/eval mode and the enabled adapters are restored afterwards,
+    also on error. The factors are computed for all layers first and written (``copy_``, same Parameters,
+    the adapter's dtype) only when all succeeded, so a failure leaves the model as it was.
+
+    Args:
+        model: A ``PeftModel`` (or ``LoraModel``) whose adapter was created with ``init_lora_weights="loraone"``.
+        data: An iterable of batches (a dict is passed as ``model(**batch)``, a tuple or list as
+            ``model(*batch)``, anything else as ``model(batch)``; tensors are moved to the model's device), or a
+            ``train_step(model)`` / ``train_step()`` callable that runs forward and backward itself (called
+            ``num_batches`` times).
+        adapter_name: The adapter to initialize; other adapters are disabled during the gradient pass and not
+            touched.
+        config: A :class:`LoraOneConfig`; ``None`` means the defaults.
+        **config_overrides: Fields of :class:`LoraOneConfig` to override (``gamma=64, num_batches=16``).
+
+    Returns:
+        An :class:`InitReport` (per module rank, sigma1, accuracy estimate and time; skipped modules and why).
+
+    Raises:
+        TypeError: ``model`` is not a PEFT LoRA model, ``config`` is not a ``LoraOneConfig``, ``data`` is neither
+            iterable nor callable, or an unknown override is given.
+        ValueError: unknown adapter, adapter not created with ``init_lora_weights="loraone"`` (or already
+            initialized), a merged adapter, quantized target layers, an unsupported LoRA variant, no Linear or
+            Conv1D target, no batches, a loss that is missing or not a scalar, or an engine error (NaN/Inf
+            gradient, ...).
+
+    Example:
+        ```python
+        >>> cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear",
+        ...                  init_lora_weights="loraone")
+        >>> model = peft.get_peft_model(base, cfg)
+        >>> report = peft_loraone.initialize(model, dataloader)
+        >>> print(report)
+        ```
+    """
+    start = time.perf_counter()
+    # ---- validate everything before touching the model ----
+    if config is None:
+        config = LoraOneConfig()
+    elif not isinstance(config, LoraOneConfig):
+        raise TypeError(f"`config` must be a peft_loraone.LoraOneConfig or None, got {type(config).__name__}.")
+    if config_overrides:
+        known = {f.name for f in dataclasses.fields(LoraOneConfig)}
+        unknown = sorted(set(config_overrides) - known)
+        if unknown:
+            raise TypeError(f"peft_loraone.initialize got unknown LoraOneConfig field(s) {unknown}.")
+        config = dataclasses.replace(config, **config_overrides)
+    tuner = _tuner(model)
+    if not isinstance(adapter_name, str) or adapter_name not in tuner.peft_config:
+        raise ValueError(f"Adapter {adapter_name!r} not found; the model has adapters {sorted(tuner.peft_config)}.")
+    peft_config = tuner.peft_config[adapter_name]
+    if not is_loraone(getattr(peft_config, "init_lora_weights", None)):
+        already = adapter_name in model.__dict__.get(_REPORTS_ATTR, {})
+        raise ValueError(
+            f"Adapter {adapter_name!r} has init_lora_weights={peft_config.init_lora_weights!r}"
+            + (" because it was already initialized by peft_loraone.initialize" if already else "")
+            + "; LoRA-One initializes adapters created with LoraConfig(init_lora_weights='loraone')."
+        )
+    if _is_train_step(data):
+        train_step: Optional[Callable[..., Any]] = data
+    elif isinstance(data, (Iterable, torch.Tensor)) and not isinstance(data, (str, bytes)):
+        train_step = None
+    else:
+        raise TypeError(f"`data` must be an iterable of batches or a train_step callable, got {type(data).__name__}.")
+
+    merged = [n for n, m in _all_lora_layers(tuner.model) if m.merged]
+    if merged:
+        raise ValueError(
+            f"Cannot initialize adapter {adapter_name!r}: the base weights of {merged} hold merged adapters, so "
+            "the gradient would not be taken at W0. Call model.unmerge_adapter() first."
+        )
+    layers = _lora_layers(tuner, adapter_name)
+    quantized = [n for n, m in layers if _layer_kind(m) == "quantized"]
+    if quantized:
+        raise ValueError(
+            f"LoRA-One cannot initialize quantized base layers ({quantized}): their weights cannot take a "
+            "gradient. Initialize on a non-quantized (e.g. bfloat16) copy of the model, save the adapter and load "
+            "it onto the quantized model."
+        )
+    variants = [
+        f"{n} ({type(m.lora_variant[adapter_name]).__name__})"
+        for n, m in layers
+        if adapter_name in getattr(m, "lora_variant", {})
+        and type(m.lora_variant[adapter_name]).__name__ != "DoraLinearVariant"
+        and _layer_kind(m) == "linear"
+    ]
+    if variants:
+        raise ValueError(f"LoRA-One supports plain LoRA and DoRA only; unsupported variant on {variants}.")
+
+    targets: list[Target] = []
+    skipped: list[SkippedModule] = []
+    for name, layer in layers:
+        kind = _layer_kind(layer)
+        if kind != "linear":
+            skipped.append(SkippedModule(name, kind, "layer type not supported by LoRA-One yet (default init)"))
+            continue
+        weight = layer.get_base_layer().weight
+        if weight.is_meta:
+            raise ValueError(f"The base weight of {name!r} is on the meta device; load the model's weights first.")
+        a_dtype = layer.lora_A[adapter_name].weight.dtype
+        targets.append(
+            Target(
+                name=name,
+                layer=layer,
+                weight=weight,
+                fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+                r=int(layer.r[adapter_name]),
+                scaling=float(layer.scaling[adapter_name]),
+                out_dtype=torch.float64 if a_dtype == torch.float64 else torch.float32,
+            )
+        )
+    if not targets:
+        raise ValueError(
+            f"Adapter {adapter_name!r} has no Linear or Conv1D layer for LoRA-One to initialize "
+            f"(found: {[f'{s.name} ({s.layer_type})' for s in skipped] or 'no LoRA layers'})."
+        )
+    if skipped:
+        warnings.warn(
+            "LoRA-One initializes Linear and Conv1D layers only; these keep PEFT's default init (B = 0): "
+            + ", ".join(f"{s.name} ({s.layer_type})" for s in skipped),
+            LoraOneWarning,
+            stacklevel=2,
+        )
+
+    # ---- gradient pass; the engine starts on each module as soon as its G is final ----
+    device = targets[0].weight.device
+    samples: Optional[int] = 0 if train_step is None else None
+    capture = GradientCapture(
+        model, targets, gamma=config.gamma, svd=config.svd_settings(), train_mode=config.train_mode
+    )
+    capture_start = time.perf_counter()
+    with capture:
+        if train_step is not None:
+            steps = _progress(range(config.num_batches), enabled=config.progress, desc="LoRA-One gradient", unit="step")
+            for i in steps:
+                capture.begin_batch(last=i == config.num_batches - 1)
+                _call_train_step(train_step, model)
+        else:
+            bar = _progress(
+                _batches(data, config.num_batches),
+                enabled=config.progress,
+                total=config.num_batches,
+                desc="LoRA-One gradient",
+                unit="batch",
+            )
+            for batch, last in bar:
+                capture.begin_batch(last=last)
+                size = _batch_size(batch)
+                samples = None if samples is None or size is None else samples + size
+                _loss(model, _to_device(batch, device), config.loss_fn).backward()
+        no_grad = capture.finish()
+    capture_seconds = time.perf_counter() - capture_start
+    if capture.batches < config.num_batches and train_step is None:
+        warnings.warn(
+            f"`data` yielded {capture.batches} batches, fewer than num_batches={config.num_batches}; G is the "
+            f"mean over {capture.batches}.",
+            LoraOneWarning,
+            stacklevel=2,
+        )
+
+    # ---- collect every result before writing anything ----
+    from .errors import ZeroGradientError
+
+    done: list[Target] = []
+    modules: list[ModuleReport] = []
+    zero: list[Target] = []
+    pending = [t for t in targets if t.job is not None]
+    try:
+        capture.drain_stale()
+        for t in _progress(pending, enabled=config.progress, desc="LoRA-One SVD", unit="module"):
+            try:
+                factors = t.job.result()
+            except ZeroGradientError:
+                zero.append(t)
+                continue
+            except Exception as exc:
+                exc.add_note(f"peft_loraone: while computing the LoRA-One factors of {t.name!r}")
+                raise
+            finally:
+                t.job = None
+            seconds = time.perf_counter() - t.submitted_at
+            done.append(t)
+            modules.append(
+                ModuleReport(
+                    name=t.name,
+                    shape=t.shape,
+                    rank=t.rank,
+                    r=t.r,
+                    scaling=t.scaling,
+                    sigma1=float(factors.sigma1),
+                    accuracy=float(factors.accuracy),
+                    passes=int(factors.passes),
+                    converged=bool(factors.converged),
+                    seconds=seconds,
+                )
+            )
+    except BaseException:
+        capture.cancel()
+        raise
+    if not done:
+        raise ValueError(
+            f"No target weight of adapter {adapter_name!r} received a non-zero gradient, so LoRA-One has nothing "
+            "to initialize from. Check that the loss uses the target modules; with gradient checkpointing, use "
+            "use_reentrant=False or call model.enable_input_require_grads() first."
+        )
+    for t in no_grad:
+        skipped.append(SkippedModule(t.name, "Linear", "no gradient: not used by the loss (B = 0 kept)"))
+    for t in zero:
+        skipped.append(SkippedModule(t.name, "Linear", "zero gradient (B = 0 kept)"))
+    if zero or no_grad:
+        warnings.warn(
+            "LoRA-One: these modules got no or a zero gradient and keep B = 0 (placeholder init): "
+            + ", ".join(t.name for t in [*no_grad, *zero]),
+            LoraOneWarning,
+            stacklevel=2,
+        )
+
+    # ---- write: materialize meta adapters, copy factors, DoRA magnitudes ----
+    for _, layer in layers:
+        _materialize(layer, adapter_name, peft_config)
+    _write(done, adapter_name)
+    for _, layer in _all_lora_layers(tuner.model):
+        _peft_hook.clear_pending(layer, adapter_name)
+    # the saved adapter config must load in stock PEFT; copy first, so the caller's LoraConfig object (which
+    # PEFT stores as is) still says "loraone" and can create the next model
+    peft_config = copy.deepcopy(peft_config)
+    peft_config.init_lora_weights = True
+    tuner.peft_config[adapter_name] = peft_config
+
+    order = {t.name: i for i, t in enumerate(targets)}
+    modules.sort(key=lambda m: order[m.name])
+    report = InitReport(
+        adapter_name=adapter_name,
+        modules=modules,
+        skipped=skipped,
+        batches=capture.batches,
+        samples=samples,
+        config=config.to_dict(),
+        capture_seconds=capture_seconds,
+        total_seconds=time.perf_counter() - start,
+        versions=_versions(),
+    )
+    _remember(model, report)
+    return report
+
+
+def get_peft_model(
+    base_model: nn.Module,
+    peft_config: Any,
+    *,
+    train_data: Data,
+    loraone_config: Optional[LoraOneConfig] = None,
+    adapter_name: str = "default",
+    return_report: bool = False,
+    **peft_kwargs: Any,
+):
+    """``peft.get_peft_model`` followed by :func:`initialize`: a LoRA-One-initialized ``PeftModel`` in one call.
+
+    Args:
+        base_model: The model to adapt.
+        peft_config: A ``peft.LoraConfig`` with ``init_lora_weights="loraone"`` (see :func:`peft_loraone.LoraConfig`).
+        train_data: Batches or a ``train_step`` callable, as ``data`` of :func:`initialize`.
+        loraone_config: A :class:`LoraOneConfig`, or ``None`` for the defaults.
+        adapter_name: Name of the adapter.
+        return_report: Also return the :class:`InitReport`.
+        **peft_kwargs: Passed to ``peft.get_peft_model`` (``low_cpu_mem_usage``, ``autocast_adapter_dtype``, ...).
+
+    Returns:
+        The ``PeftModel``, or ``(model, report)`` when ``return_report`` is true.
+
+    Raises:
+        ValueError: ``peft_config`` does not select ``init_lora_weights="loraone"``; and everything
+            :func:`initialize` raises.
+    """
+    import peft
+
+    if not is_loraone(getattr(peft_config, "init_lora_weights", None)):
+        raise ValueError(
+            "peft_loraone.get_peft_model needs a LoraConfig with init_lora_weights='loraone', got "
+            f"{getattr(peft_config, 'init_lora_weights', type(peft_config).__name__)!r}."
+        )
+    model = peft.get_peft_model(base_model, peft_config, adapter_name=adapter_name, **peft_kwargs)
+    report = initialize(model, train_data, adapter_name=adapter_name, config=loraone_config)
+    return (model, report) if return_report else model

@@ -1,0 +1,151 @@
+"""What :func:`peft_loraone.initialize` did, module by module, and the provenance file it leaves."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+__all__ = ["PROVENANCE_FILE", "InitReport", "ModuleReport", "SkippedModule"]
+
+#: Name of the side file written next to a saved adapter (``adapter_config.json``'s neighbour).
+PROVENANCE_FILE = "loraone_provenance.json"
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """One LoRA layer initialized by LoRA-One.
+
+    Attributes:
+        name: Module name inside the PEFT model (``base_model.model.``... prefix removed).
+        shape: ``(out, in)`` of the weight, i.e. of G after the Conv1D transpose.
+        rank: Rank written (``min(r, out, in)``); ``r`` is the layer's LoRA rank.
+        r: The layer's LoRA rank.
+        scaling: The layer's LoRA scaling ``s`` (rsLoRA and patterns included).
+        sigma1: Largest singular value of G.
+        accuracy: The engine's accuracy estimate of the rank-``rank`` truncation.
+        passes: Passes the randomized SVD made over G.
+        converged: Whether the engine met its tolerance.
+        seconds: Latency: wall time from handing G to the engine (during the last backward pass) until its
+            factors were collected; jobs run concurrently, so these overlap and do not add up.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    r: int
+    scaling: float
+    sigma1: float
+    accuracy: float
+    passes: int
+    converged: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SkippedModule:
+    """A LoRA layer of the adapter left at PEFT's default init (B = 0), and why."""
+
+    name: str
+    layer_type: str
+    reason: str
+
+
+@dataclass
+class InitReport:
+    """Returned by :func:`peft_loraone.initialize`; ``str(report)`` is a summary table.
+
+    Attributes:
+        adapter_name: The adapter that was initialized.
+        modules: Initialized layers, in model order.
+        skipped: Layers kept at the default init (unsupported type, zero gradient, ...).
+        batches: Batches (or ``train_step`` calls) the gradient was averaged over.
+        samples: Examples in those batches, when it could be read off the batches (else ``None``).
+        config: ``LoraOneConfig.to_dict()`` of the run.
+        capture_seconds: Forward/backward time.
+        total_seconds: Time of the whole call.
+        versions: Versions of peft_loraone, peft and torch.
+    """
+
+    adapter_name: str
+    modules: list[ModuleReport] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
+    batches: int = 0
+    samples: Optional[int] = None
+    config: dict[str, Any] = field(default_factory=dict)
+    capture_seconds: float = 0.0
+    total_seconds: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> ModuleReport:
+        for module in self.modules:
+            if module.name == name:
+                return module
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable provenance: what the saved adapter is and how it was made."""
+        return {
+            "init": "loraone",
+            "paper": "https://arxiv.org/abs/2502.01235",
+            "formula": "B·A = [-G]_r / (gamma·sigma1); G = mean gradient of the loss w.r.t. W0 over the batches",
+            "adapter_name": self.adapter_name,
+            "gamma": self.config.get("gamma"),
+            "batches": self.batches,
+            "samples": self.samples,
+            "svd": {k: self.config.get(k) for k in ("oversampling", "power_iters", "tol", "seed")},
+            "config": self.config,
+            "versions": self.versions,
+            "modules": [asdict(m) for m in self.modules],
+            "skipped": [asdict(s) for s in self.skipped],
+            "capture_seconds": self.capture_seconds,
+            "total_seconds": self.total_seconds,
+        }
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write :data:`PROVENANCE_FILE` into ``directory``; returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, PROVENANCE_FILE)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+        return path
+
+    def __str__(self) -> str:
+        header = ("module", "shape", "rank", "scaling", "sigma1", "accuracy", "passes", "latency")
+        rows = [
+            (
+                m.name,
+                f"{m.shape[0]}x{m.shape[1]}",
+                str(m.rank) if m.rank == m.r else f"{m.rank}/{m.r}",
+                f"{m.scaling:.4g}",
+                f"{m.sigma1:.4e}",
+                f"{m.accuracy:.2e}" + ("" if m.converged else "*"),
+                str(m.passes),
+                f"{m.seconds * 1e3:.0f} ms",
+            )
+            for m in self.modules
+        ]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        right = {2, 3, 4, 5, 6, 7}
+
+        def fmt(cells: tuple[str, ...]) -> str:
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+        gamma = self.config.get("gamma")
+        samples = f", {self.samples} samples" if self.samples is not None else ""
+        lines = [
+            f"LoRA-One init of adapter {self.adapter_name!r}: {len(self.modules)} modules initialized, "
+            f"{len(self.skipped)} kept at default init; gamma={gamma}, {self.batches} batches{samples}; "
+            f"gradient {self.capture_seconds:.2f} s, total {self.total_seconds:.2f} s",
+            fmt(header),
+            fmt(tuple("-" * w for w in widths)),
+        ]
+        lines += [fmt(r) for r in rows]
+        if any(not m.converged for m in self.modules):
+            lines.append("* the randomized SVD stopped at its iteration limit before reaching its tolerance")
+        if self.skipped:
+            lines.append("kept at PEFT's default init (B = 0):")
+            lines += [f"  {s.name} ({s.layer_type}): {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
