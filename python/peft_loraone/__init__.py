@@ -29,6 +29,7 @@ _install_peft_hook()  # LoraConfig(init_lora_weights="loraone") -> PEFT's placeh
 
 from .config import LoraConfig, LoraOneConfig  # noqa: E402
 from .initialize import get_peft_model, initialize  # noqa: E402
+from .optim import LoraPreconditioner, create_preconditioned_optimizer  # noqa: E402
 from .report import InitReport, ModuleReport, SkippedModule  # noqa: E402
 
 try:
@@ -47,6 +48,7 @@ __all__ = [
     "LoraOneConfig",
     "LoraOneError",
     "LoraOneWarning",
+    "LoraPreconditioner",
     "ModuleReport",
     "NonFiniteError",
     "PeftCompatibilityError",
@@ -56,6 +58,7 @@ __all__ = [
     "UnsupportedDeviceError",
     "ZeroGradientError",
     "__version__",
+    "create_preconditioned_optimizer",
     "get_peft_model",
     "initialize",
     "lora_ga",
