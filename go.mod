@@ -7,10 +7,12 @@ tool (
 	golang.org/x/tools/cmd/goimports
 )
 
-require gonum.org/v1/gonum v0.17.0
+require (
+	github.com/go-python/gopy v0.5.0
+	gonum.org/v1/gonum v0.17.0
+)
 
 require (
-	github.com/go-python/gopy v0.5.0 // indirect
 	github.com/gonuts/commander v0.1.0 // indirect
 	github.com/gonuts/flag v0.1.0 // indirect
 	github.com/pkg/errors v0.9.1 // indirect

@@ -99,6 +99,7 @@ func newRequest(method int, g uintptr, gv bool, b uintptr, bv bool, a uintptr, a
 		opt.Tol = tol
 	}
 	opt.Seed = uint64(seed)
+	withBLAS(&opt) // the optimized BLAS loaded by UseBLAS, if any
 
 	req := &request{method: method, scale: scale, opt: opt}
 	var err error

@@ -39,6 +39,8 @@
 //
 // # State
 //
-// The package has no global mutable state. Asynchronous work goes through a
-// [Pool] that Python creates once and keeps.
+// Asynchronous work goes through a [Pool] that Python creates once and keeps.
+// The one process-wide setting is the optimized BLAS ([UseBLAS], [UseGonum]):
+// a dlopen'd library is process-wide by nature. It is stored atomically and
+// read once per computation, when the computation is validated.
 package bridge // import "github.com/peft-loraone/peft-loraone/bridge"

@@ -46,7 +46,8 @@
 // Inputs are read in place and never copied whole: float64 views go to
 // Dgemm directly, float32 views to Sgemm (the k-column panels are converted
 // to float32), and half views are converted 64 stored rows at a time into
-// a float32 buffer. Panels, QR and the small SVD are float64, so float32
+// a float32 buffer (with an injected Sgemm, as many rows as fit in 4 MiB,
+// at least 64, so each product is large enough for a threaded BLAS). Panels, QR and the small SVD are float64, so float32
 // and half inputs give float64 factors accurate to float32 rounding of the
 // products (about 1e-7 relative).
 //
@@ -54,6 +55,19 @@
 // float32 or float64. Outputs are written only after everything succeeded,
 // and only their Rows×Cols elements (never the padding). Outputs b and a
 // must not overlap each other.
+//
+// # Kernels
+//
+// Almost all the time goes into the products with G. They use gonum's
+// pure-Go Sgemm/Dgemm unless Options.Sgemm / Options.Dgemm inject faster
+// ones (the type Gemm32 / Gemm64 has gonum's row-major contract); package
+// fastblas provides them from a run-time loaded OpenBLAS, and the bridge
+// injects them when Python found one. With an injected Dgemm the panel QR
+// is CholeskyQR2 (two Cholesky QR rounds, all Dgemm work), falling back
+// to Householder QR when a panel is too ill-conditioned for it (κ beyond
+// ~1e6 or rank deficiency); the results agree with the pure-Go path to
+// rounding. loraone itself holds no kernel state: every call uses the
+// kernels of its Options.
 //
 // # Errors
 //

@@ -11,6 +11,12 @@ import (
 // halfBlockRows×(stored row length) float32 values, never the whole matrix.
 const halfBlockRows = 64
 
+// fastHalfBlockElems bounds the conversion buffer (in float32 elements,
+// 4 MiB) when an injected Sgemm is used: blocks of halfBlockRows rows are
+// too small a product for a threaded BLAS, so the block then holds as many
+// whole rows as fit, at least halfBlockRows.
+const fastHalfBlockElems = 1 << 20
+
 // product multiplies the read-only view g (or its transpose) by small
 // float64 panels. It owns the per-call float32 scratch; it is not safe for
 // concurrent use, but each RandSVD call has its own.
@@ -19,15 +25,17 @@ const halfBlockRows = 64
 // sr×sc: S = G if !g.Trans, S = Gᵀ if g.Trans. Products with G are then
 // products with S or Sᵀ, and the view is read in place.
 type product struct {
-	g      Matrix
-	sr, sc int
-	x32    []float32 // panel converted to float32
-	r32    []float32 // float32 result panel
-	blk    []float32 // Float16/BFloat16 row-block buffer
+	g       Matrix
+	sr, sc  int
+	x32     []float32 // panel converted to float32
+	r32     []float32 // float32 result panel
+	blk     []float32 // Float16/BFloat16 row-block buffer
+	blkRows int       // stored rows per Float16/BFloat16 block
+	kn      kernels
 }
 
-func newProduct(g Matrix, k int) *product {
-	p := &product{g: g}
+func newProduct(g Matrix, k int, kn kernels) *product {
+	p := &product{g: g, kn: kn}
 	p.sr, p.sc = storedShape(g.Rows, g.Cols, g.Trans)
 	if g.DType != Float64 {
 		n := max(g.Rows, g.Cols) * k
@@ -35,7 +43,12 @@ func newProduct(g Matrix, k int) *product {
 		p.r32 = make([]float32, n)
 	}
 	if g.DType == Float16 || g.DType == BFloat16 {
-		p.blk = make([]float32, min(halfBlockRows, p.sr)*p.sc)
+		p.blkRows = halfBlockRows
+		if kn.s != nil {
+			p.blkRows = max(halfBlockRows, fastHalfBlockElems/p.sc)
+		}
+		p.blkRows = min(p.blkRows, p.sr)
+		p.blk = make([]float32, p.blkRows*p.sc)
 	}
 	return p
 }
@@ -73,22 +86,22 @@ func (p *product) mul(t blas.Transpose, res, x blas64.General) {
 	switch g.DType {
 	case Float64:
 		s := blas64.General{Rows: p.sr, Cols: p.sc, Stride: g.Stride, Data: g.F64}
-		blas64.Gemm(t, blas.NoTrans, 1, s, x, 0, res)
+		p.kn.gemm64(t, blas.NoTrans, 1, s, x, 0, res)
 		return
 	case Float32:
 		x32 := p.to32(p.x32, x)
 		r32 := blas32.General{Rows: res.Rows, Cols: res.Cols, Stride: res.Cols, Data: p.r32[:res.Rows*res.Cols]}
 		s := blas32.General{Rows: p.sr, Cols: p.sc, Stride: g.Stride, Data: g.F32}
-		blas32.Gemm(t, blas.NoTrans, 1, s, x32, 0, r32)
+		p.kn.gemm32(t, blas.NoTrans, 1, s, x32, 0, r32)
 		from32(res, r32)
 		return
 	}
-	// Float16 / BFloat16: convert halfBlockRows stored rows at a time.
+	// Float16 / BFloat16: convert p.blkRows stored rows at a time.
 	x32 := p.to32(p.x32, x)
 	k := x.Cols
 	r32 := blas32.General{Rows: res.Rows, Cols: k, Stride: k, Data: p.r32[:res.Rows*k]}
-	for b0 := 0; b0 < p.sr; b0 += halfBlockRows {
-		b1 := min(b0+halfBlockRows, p.sr)
+	for b0 := 0; b0 < p.sr; b0 += p.blkRows {
+		b1 := min(b0+p.blkRows, p.sr)
 		nb := b1 - b0
 		blk := p.blk[:nb*p.sc]
 		for i := 0; i < nb; i++ {
@@ -108,7 +121,7 @@ func (p *product) mul(t blas.Transpose, res, x blas64.General) {
 		if t == blas.NoTrans {
 			// Rows b0:b1 of S·x.
 			out := blas32.General{Rows: nb, Cols: k, Stride: k, Data: r32.Data[b0*k : b1*k]}
-			blas32.Gemm(blas.NoTrans, blas.NoTrans, 1, sb, x32, 0, out)
+			p.kn.gemm32(blas.NoTrans, blas.NoTrans, 1, sb, x32, 0, out)
 		} else {
 			// Sᵀ·x accumulates S[b0:b1]ᵀ · x[b0:b1].
 			xb := blas32.General{Rows: nb, Cols: k, Stride: k, Data: x32.Data[b0*k : b1*k]}
@@ -116,7 +129,7 @@ func (p *product) mul(t blas.Transpose, res, x blas64.General) {
 			if b0 == 0 {
 				beta = 0
 			}
-			blas32.Gemm(blas.Trans, blas.NoTrans, 1, sb, xb, beta, r32)
+			p.kn.gemm32(blas.Trans, blas.NoTrans, 1, sb, xb, beta, r32)
 		}
 	}
 	from32(res, r32)

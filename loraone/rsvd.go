@@ -32,7 +32,32 @@ type Options struct {
 	// Seed seeds the PCG generator of the Gaussian test matrix; equal
 	// seeds give bit-identical results.
 	Seed uint64
+	// Sgemm, if not nil, replaces gonum's pure-Go Sgemm in the products
+	// with float32, float16 and bfloat16 inputs (the bulk of the work).
+	// nil means gonum. See Gemm32 for the contract.
+	Sgemm Gemm32
+	// Dgemm, if not nil, replaces gonum's Dgemm in the products with
+	// float64 inputs and in the float64 panel products of every estimate.
+	// nil means gonum. See Gemm64.
+	Dgemm Gemm64
 }
+
+// Gemm32 is an injectable single-precision matrix multiply with the
+// contract of gonum's blas.Float32Level3.Sgemm (row-major):
+//
+//	C = alpha·op(A)·op(B) + beta·C,   op(A) m×k, op(B) k×n, C m×n
+//
+// It must be safe for concurrent use, keep no reference to the slices
+// after returning, and compute to float32 accuracy; results may then
+// differ from gonum's in the last bits (different summation order), so
+// Options.Seed gives bit-identical results only for the same Gemm32. The
+// fastblas package's Lib.Sgemm (a run-time loaded OpenBLAS) is one.
+type Gemm32 func(tA, tB blas.Transpose, m, n, k int, alpha float32, a []float32, lda int,
+	b []float32, ldb int, beta float32, c []float32, ldc int)
+
+// Gemm64 is Gemm32 for float64 (gonum's blas.Float64Level3.Dgemm).
+type Gemm64 func(tA, tB blas.Transpose, m, n, k int, alpha float64, a []float64, lda int,
+	b []float64, ldb int, beta float64, c []float64, ldc int)
 
 // DefaultOptions returns the documented defaults for rank r:
 //
@@ -119,9 +144,10 @@ type SVD struct {
 //
 // g is read in place and never copied: float64 views go to Dgemm directly,
 // float32 views to Sgemm (panels converted to float32), and Float16 /
-// BFloat16 views are converted 64 stored rows at a time. Panels, QR and
+// BFloat16 views are converted 64 stored rows at a time (with an injected
+// Sgemm, as many rows as fit in 4 MiB, at least 64). Panels, QR and
 // the small SVD are float64. Memory: O((m+n)·k) plus, for half types,
-// 64 stored rows as float32.
+// 64 stored rows (or 4 MiB) as float32.
 //
 // Errors: an invalid view (ErrShape, ErrDType), a bad rank (ErrRank) or
 // option (ErrArgument); a NaN or Inf in g (ErrNonFinite, naming its row and
@@ -144,7 +170,8 @@ func randSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	m, n := g.Rows, g.Cols
 	k := min(r+min(opt.Oversampling, min(m, n)), min(m, n)) // no int overflow
 	w := newWorkspace(m, n, k, r)
-	prod := newProduct(g, k)
+	w.kn = newKernels(opt)
+	prod := newProduct(g, k, w.kn)
 
 	// Orthonormal Gaussian start block Q_z (n×k).
 	rng := rand.New(rand.NewPCG(opt.Seed, 0x4c6f52412d4f6e65)) // "LoRA-One"
@@ -230,6 +257,8 @@ type workspace struct {
 	ps         []float64
 	cross      blas64.General // r×r
 	cross2     blas64.General // r×r
+	kn         kernels
+	cq         *cholQR // CholeskyQR2 scratch, when kn.d is injected
 }
 
 func general(r, c int) blas64.General {
@@ -265,7 +294,13 @@ func newWorkspace(m, n, k, r int) *workspace {
 // qr overwrites the panel a (rows×k, rows >= k) with the thin Q of its
 // Householder QR (Geqrf + Orgqr; the full rows×rows Q is never formed) and
 // copies R into w.rt.
+//
+// With an injected Dgemm it first tries CholeskyQR2 (cholQR2), whose work is
+// all Dgemm, and falls back to Householder for ill-conditioned panels.
 func (w *workspace) qr(a blas64.General) {
+	if w.kn.d != nil && w.cholQR2(a) {
+		return
+	}
 	k := w.k
 	lapack64.Geqrf(a, w.tau, w.work, len(w.work))
 	for i := 0; i < k; i++ {
@@ -325,11 +360,11 @@ func (w *workspace) estimate(right bool) error {
 	ur := blas64.General{Rows: k, Cols: r, Stride: k, Data: w.su.Data}   // Ũ_r  (k×r)
 	vtr := blas64.General{Rows: r, Cols: k, Stride: k, Data: w.svt.Data} // Ṽ_rᵀ (r×k)
 	if right {
-		blas64.Gemm(blas.NoTrans, blas.NoTrans, 1, w.y, ur, 0, w.u)
-		blas64.Gemm(blas.NoTrans, blas.Trans, 1, w.z, vtr, 0, w.v)
+		w.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, w.y, ur, 0, w.u)
+		w.kn.gemm64(blas.NoTrans, blas.Trans, 1, w.z, vtr, 0, w.v)
 	} else {
-		blas64.Gemm(blas.NoTrans, blas.Trans, 1, w.y, vtr, 0, w.u)
-		blas64.Gemm(blas.NoTrans, blas.NoTrans, 1, w.z, ur, 0, w.v)
+		w.kn.gemm64(blas.NoTrans, blas.Trans, 1, w.y, vtr, 0, w.u)
+		w.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, w.z, ur, 0, w.v)
 	}
 	if e != 0 {
 		for i, x := range w.sk {
