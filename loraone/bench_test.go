@@ -33,11 +33,13 @@ func BenchmarkRandSVD(b *testing.B) {
 		h.Half[i] = float32ToBFloat16(x)
 		d.F64[i] = float64(x)
 	}
-	opt := DefaultOptions(16)
 	for _, c := range []struct {
-		name string
-		g    Matrix
-	}{{"float32", g}, {"bfloat16", h}, {"float64", d}} {
+		name   string
+		g      Matrix
+		krylov bool
+	}{{"float32", g, false}, {"bfloat16", h, false}, {"float64", d, false}, {"float32-krylov", g, true}} {
+		opt := DefaultOptions(16)
+		opt.Krylov = c.krylov
 		b.Run(c.name, func(b *testing.B) {
 			var passes int
 			for b.Loop() {

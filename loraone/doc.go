@@ -22,6 +22,13 @@
 // power iterations (at most 2 + 2·MaxIters passes). The answer comes from
 // the last pass. See DefaultOptions for the defaults and why.
 //
+// Options.Krylov (default false) selects a block Krylov variant instead:
+// block Lanczos bidiagonalization with block size r and full
+// re-orthogonalization, the rank-r estimate taken from the exact SVD of
+// the projected matrix Qᵀ·G·P, the same stop rule, and a thick restart
+// that caps the basis at min(8r, max(256, 4r)) columns. It needs fewer
+// column-passes over G, at the price of a larger (gonum) small SVD.
+//
 // # Formulas
 //
 // With U, S, V the top singular triplets and σ₁ = S[0]:

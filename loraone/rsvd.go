@@ -40,6 +40,17 @@ type Options struct {
 	// float64 inputs and in the float64 panel products of every estimate.
 	// nil means gonum. See Gemm64.
 	Dgemm Gemm64
+	// Krylov, if true, replaces the subspace iteration by block Lanczos
+	// bidiagonalization (block Krylov: block size r, full
+	// re-orthogonalization, thick restart once the basis exceeds
+	// min(8r, max(256, 4r)) columns). Same contract, Seed determinism,
+	// stop rule and MaxIters cap; Oversampling is not used. Accuracy is
+	// the change between consecutive estimates; an estimate is made after
+	// every pass with G, and after a pass with Gᵀ only while the small
+	// SVD costs well under a pass, so Accuracy may span two passes. Once
+	// the basis spans all of Rᵐ or Rⁿ the estimate is exact and the
+	// iteration stops with Accuracy 0. Default false.
+	Krylov bool
 }
 
 // Gemm32 is an injectable single-precision matrix multiply with the
@@ -167,6 +178,9 @@ func RandSVD(g Matrix, opt Options) (*SVD, error) {
 
 // randSVD is RandSVD for an already validated g and rank r.
 func randSVD(g Matrix, r int, opt Options) (*SVD, error) {
+	if opt.Krylov {
+		return krylovSVD(g, r, opt)
+	}
 	m, n := g.Rows, g.Cols
 	k := min(r+min(opt.Oversampling, min(m, n)), min(m, n)) // no int overflow
 	w := newWorkspace(m, n, k, r)

@@ -1,0 +1,438 @@
+package loraone
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+
+	"gonum.org/v1/gonum/blas"
+	"gonum.org/v1/gonum/blas/blas64"
+	"gonum.org/v1/gonum/lapack"
+	"gonum.org/v1/gonum/lapack/lapack64"
+	"gonum.org/v1/gonum/mat"
+)
+
+// krylovCap returns the largest basis (columns of Q) the block Krylov
+// iteration keeps before a thick restart, for block size b: 8b, but not
+// more than 256 columns unless b is large (at least 4b, so that a restart
+// keeps 2b Ritz vectors and can still grow).
+func krylovCap(b int) int {
+	return min(8*b, max(256, 4*b))
+}
+
+// krylovSVD is RandSVD with Options.Krylov set: block Lanczos
+// bidiagonalization with full re-orthogonalization, block size b = r,
+//
+//	P₁ = qr(Ω)            (n×b Gaussian, PCG opt.Seed)
+//	pass 2j−1:  Y = G·P_j,   Q_j = orth(Y ⊥ Q₁…Q_{j−1})
+//	pass 2j:    Z = Gᵀ·Q_j,  P_{j+1} = orth(Z ⊥ P₁…P_j)
+//
+// The projected matrix T = Qᵀ·G·P (block upper triangular, nq×np) is kept
+// exactly: its new column block is Qᵀ·Y and its new row block (P̃ᵀ·Z)ᵀ,
+// and every other new entry is zero because G·P_old ⊂ span(Q_old) and
+// Gᵀ·Q_old ⊂ span(P_old). After every G-pass (and after a Gᵀ-pass while
+// T is small enough that its SVD costs well under a pass) the rank-r
+// estimate X = (Q·Ũ_r)·diag(S_r)·(P·Ṽ_r)ᵀ comes from the exact SVD
+// (Gesvd) of T, and the stop rule is RandSVD's (relative Frobenius change
+// between consecutive estimates <= Tol).
+//
+// The basis grows by b columns per pass; once Q would exceed
+// krylovCap(b) columns (never when m < krylovCap(b): the basis then
+// grows until it spans Rᵐ or Rⁿ) it is thick-
+// restarted: after a G-pass, T = Ũ Σ Ṽᵀ, and with the following Gᵀ-pass
+// Q ← Q·Ũ_k, P ← [P·Ṽ_k, P_new], T ← [Σ_k | Ũ_lastᵀ·(P_newᵀ Z)ᵀ] with
+// k = cap − 2b, which keeps T = Qᵀ·G·P exact and the Krylov recurrence
+// valid. A new block that is rounding noise (breakdown: rank-deficient
+// G, or an exhausted Krylov space) is completed with Gaussian columns;
+// when Q spans all of Rᵐ (or P all of Rⁿ) the estimate is exact and the
+// iteration stops with Accuracy 0.
+func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
+	m, n := g.Rows, g.Cols
+	b := r
+	capQ := min(krylovCap(b), m)
+	capP := min(capQ+b, n)
+	k := &krylov{
+		m: m, n: n, r: r, b: b, capQ: capQ, capP: capP,
+		q: general(m, capQ), p: general(n, capP),
+		t:  general(capQ, capP),
+		y0: general(m, b), wm: general(m, b),
+		z0: general(n, b), wn: general(n, b),
+		kn:   newKernels(opt),
+		rng:  rand.New(rand.NewPCG(opt.Seed, 0x4c6f52412d4f6e65)), // "LoRA-One"
+		coef: make([]float64, capP*b),
+		sCur: make([]float64, r),
+	}
+	k.est = &workspace{m: m, n: n, r: r,
+		u: general(m, r), v: general(n, r), pu: general(m, r), pv: general(n, r),
+		cross: general(r, r), cross2: general(r, r), ps: make([]float64, r)}
+	prod := newProduct(g, b, k.kn)
+
+	// P₁: orthonormal Gaussian start block.
+	w := blas64.General{Rows: n, Cols: b, Stride: b, Data: k.wn.Data}
+	k.randomFill(w, 0, b)
+	k.hqr(w)
+	k.setCols(k.p, 0, w)
+	k.np, k.pLast = b, 0
+
+	maxPasses := 2 + 2*min(opt.MaxIters, 1<<30)
+	res := &SVD{}
+	restart := false
+	// The SVD of T costs about 20·nq·np·min(nq, np) flops of gonum's
+	// level-1/2 code, a pass 2·m·n·b flops of (possibly injected) GEMM.
+	// Estimates after Gᵀ-passes are made only while the SVD costs less
+	// than half a pass (weighting its flops 16× when a fast kernel is
+	// injected); the G-pass estimates are always made. Skipping them
+	// makes Accuracy the change over two passes (more conservative).
+	slow := 1.0
+	if opt.Sgemm != nil || opt.Dgemm != nil {
+		slow = 16
+	}
+	passFlops := 2 * float64(m) * float64(n) * float64(b)
+	estimated := false // an estimate was made after the last pass
+	for pass := 1; pass <= maxPasses; pass++ {
+		est := true
+		if pass%2 == 0 {
+			nq, np := float64(k.nq), float64(min(k.np+b, n))
+			est = 20*nq*np*min(nq, np)*slow <= passFlops/2
+			if !est && pass == maxPasses {
+				break // a last pass without an estimate would be wasted
+			}
+		}
+		var err error
+		exhausted := false
+		if pass%2 == 1 {
+			exhausted, err = k.passG(g, prod, pass)
+		} else {
+			exhausted, err = k.passGT(g, prod, pass, restart)
+			restart = false
+		}
+		if err != nil {
+			return nil, err
+		}
+		if exhausted {
+			// The current T is exact (G = Q·T·Pᵀ): another pass would
+			// not change its SVD.
+			if !estimated {
+				if err := k.estimate(); err != nil {
+					return nil, err
+				}
+			}
+			res.Accuracy = 0
+			res.Converged = opt.Tol > 0
+			break
+		}
+		res.Passes = pass
+		estimated = est
+		if !est {
+			continue
+		}
+		if err := k.estimate(); err != nil {
+			return nil, err
+		}
+		if pass%2 == 1 && k.nq+b > capQ && capQ == krylovCap(b) {
+			restart = true
+		}
+		if pass == 1 {
+			continue
+		}
+		res.Accuracy = k.est.change()
+		if opt.Tol > 0 && res.Accuracy <= opt.Tol {
+			res.Converged = true
+			break
+		}
+	}
+	res.Iters = (res.Passes - 1) / 2
+	if k.sCur[0] == 0 {
+		return nil, fmt.Errorf("loraone: sigma1 == 0: %w", ErrZero)
+	}
+	res.U = mat.NewDense(m, r, k.est.u.Data)
+	res.V = mat.NewDense(n, r, k.est.v.Data)
+	res.S = k.sCur
+	return res, nil
+}
+
+// krylov is the state of one block Krylov call.
+type krylov struct {
+	m, n, r, b   int
+	capQ, capP   int
+	q, p         blas64.General // m×capQ, n×capP; the first nq / np columns are the bases
+	t            blas64.General // capQ×capP; T = Qᵀ·G·P in the leading nq×np block
+	nq, np       int
+	qLast, pLast int            // first column of the last Q / P block
+	y0, wm       blas64.General // m×b: G·P_last, orthogonalization scratch
+	z0, wn       blas64.General // n×b
+	coef         []float64      // projection coefficients, up to capP×b
+	kn           kernels
+	rng          *rand.Rand
+
+	ts, su, svt []float64 // SVD of T: copy of T, Ũ (nq×nq), Ṽᵀ (np×np)
+	sv, sw      []float64
+	svdQ, svdP  int // nq, np of the last SVD
+	tau, work   []float64
+	cmp         []float64 // restart scratch
+	sCur        []float64 // current S_r
+	sScaled     []float64 // S_r·2^−scaleExp, for change()
+	scaleExp    int
+	est         *workspace
+}
+
+// cols returns columns c0:c1 of a as a view.
+func cols(a blas64.General, c0, c1 int) blas64.General {
+	return blas64.General{Rows: a.Rows, Cols: c1 - c0, Stride: a.Stride, Data: a.Data[c0:]}
+}
+
+// setCols copies the contiguous block w into a starting at column c0.
+func (k *krylov) setCols(a blas64.General, c0 int, w blas64.General) {
+	for i := 0; i < w.Rows; i++ {
+		copy(a.Data[i*a.Stride+c0:i*a.Stride+c0+w.Cols], w.Data[i*w.Stride:i*w.Stride+w.Cols])
+	}
+}
+
+// randomFill fills columns c0:c1 of w with Gaussian values.
+func (k *krylov) randomFill(w blas64.General, c0, c1 int) {
+	for i := 0; i < w.Rows; i++ {
+		for j := c0; j < c1; j++ {
+			w.Data[i*w.Stride+j] = k.rng.NormFloat64()
+		}
+	}
+}
+
+// hqr overwrites the contiguous panel a (rows >= cols) with the thin Q of
+// its Householder QR.
+func (k *krylov) hqr(a blas64.General) {
+	if len(k.tau) < a.Cols {
+		k.tau = make([]float64, a.Cols)
+	}
+	q := []float64{0}
+	lapack64.Geqrf(a, k.tau, q, -1)
+	lw := int(q[0])
+	lapack64.Orgqr(a, k.tau, q, -1)
+	lw = max(lw, int(q[0]), 1)
+	if len(k.work) < lw {
+		k.work = make([]float64, lw)
+	}
+	lapack64.Geqrf(a, k.tau[:a.Cols], k.work, len(k.work))
+	lapack64.Orgqr(a, k.tau[:a.Cols], k.work, len(k.work))
+}
+
+// coefs computes c = basisᵀ·w into k.coef (basis.Cols × w.Cols).
+func (k *krylov) coefs(w, basis blas64.General) blas64.General {
+	c := blas64.General{Rows: basis.Cols, Cols: w.Cols, Stride: w.Cols, Data: k.coef[:basis.Cols*w.Cols]}
+	k.kn.gemm64(blas.Trans, blas.NoTrans, 1, basis, w, 0, c)
+	return c
+}
+
+// project sets w ← w − basis·(basisᵀ·w).
+func (k *krylov) project(w, basis blas64.General) {
+	c := k.coefs(w, basis)
+	k.kn.gemm64(blas.NoTrans, blas.NoTrans, -1, basis, c, 1, w)
+}
+
+// orthNew turns the contiguous rows×wIn panel w into an orthonormal block
+// of wOut <= wIn columns orthogonal to basis, whose span contains the part
+// of w outside span(basis) (when wOut < wIn, the complement of basis has
+// exactly wOut dimensions and any basis of it is returned). Columns that
+// are rounding noise after the projection (breakdown) are replaced by
+// Gaussian columns. The block is returned as a contiguous view of w.Data.
+func (k *krylov) orthNew(w, basis blas64.General, wOut int) blas64.General {
+	if wOut < w.Cols {
+		w = blas64.General{Rows: w.Rows, Cols: wOut, Stride: wOut, Data: w.Data[:w.Rows*wOut]}
+		k.randomFill(w, 0, wOut)
+	}
+	if basis.Cols == 0 {
+		k.hqr(w)
+		return w
+	}
+	for it := 0; ; it++ {
+		k.project(w, basis)
+		k.project(w, basis)
+		k.hqr(w)
+		if it == 5 {
+			break
+		}
+		// How much of each new (unit) column still lies in span(basis)?
+		c := k.coefs(w, basis)
+		var worst float64
+		for j := 0; j < w.Cols; j++ {
+			var s float64
+			for i := 0; i < c.Rows; i++ {
+				s += c.Data[i*c.Stride+j] * c.Data[i*c.Stride+j]
+			}
+			if s > 0.25 { // mostly inside: the column came from noise
+				k.randomFill(w, j, j+1)
+			}
+			worst = max(worst, s)
+		}
+		if worst <= 1e-26 {
+			break
+		}
+	}
+	return w
+}
+
+// passG multiplies G by the last P block and extends Q and T. It reports
+// true (and does nothing) when Q already spans Rᵐ.
+func (k *krylov) passG(g Matrix, prod *product, pass int) (bool, error) {
+	room := k.m - k.nq
+	if room == 0 {
+		return true, nil
+	}
+	x := cols(k.p, k.pLast, k.np)
+	pw := x.Cols
+	y0 := blas64.General{Rows: k.m, Cols: pw, Stride: pw, Data: k.y0.Data[:k.m*pw]}
+	prod.mulG(y0, x)
+	if err := checkPanel(g, y0, pass); err != nil {
+		return false, err
+	}
+	w := blas64.General{Rows: k.m, Cols: pw, Stride: pw, Data: k.wm.Data[:k.m*pw]}
+	copy(w.Data, y0.Data)
+	qn := k.orthNew(w, cols(k.q, 0, k.nq), min(pw, room))
+	k.setCols(k.q, k.nq, qn)
+	k.qLast = k.nq
+	k.nq += qn.Cols
+	// T[0:nq, pLast:np] = Qᵀ·Y; T[qLast:nq, 0:pLast] = 0.
+	tc := blas64.General{Rows: k.nq, Cols: pw, Stride: k.t.Stride, Data: k.t.Data[k.pLast:]}
+	k.kn.gemm64(blas.Trans, blas.NoTrans, 1, cols(k.q, 0, k.nq), y0, 0, tc)
+	for i := k.qLast; i < k.nq; i++ {
+		clear(k.t.Data[i*k.t.Stride : i*k.t.Stride+k.pLast])
+	}
+	return false, nil
+}
+
+// passGT multiplies Gᵀ by the last Q block and extends P and T, with a
+// thick restart from the last SVD of T when restart is set. It reports
+// true (and does nothing) when P already spans Rⁿ.
+func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, error) {
+	room := k.n - k.np
+	if room == 0 {
+		return true, nil
+	}
+	x := cols(k.q, k.qLast, k.nq)
+	qw := x.Cols
+	z0 := blas64.General{Rows: k.n, Cols: qw, Stride: qw, Data: k.z0.Data[:k.n*qw]}
+	prod.mulGT(z0, x)
+	if err := checkPanel(g, z0, pass); err != nil {
+		return false, err
+	}
+	w := blas64.General{Rows: k.n, Cols: qw, Stride: qw, Data: k.wn.Data[:k.n*qw]}
+	copy(w.Data, z0.Data)
+	pn := k.orthNew(w, cols(k.p, 0, k.np), min(qw, room))
+	wp := pn.Cols
+	if !restart {
+		k.setCols(k.p, k.np, pn)
+		k.pLast = k.np
+		k.np += wp
+		// T[qLast:nq, 0:np] = (Pᵀ·Z)ᵀ; T[0:qLast, pLast:np] = 0.
+		c := k.coefs(z0, cols(k.p, 0, k.np)) // np×qw
+		for i := 0; i < qw; i++ {
+			row := k.t.Data[(k.qLast+i)*k.t.Stride:]
+			for j := 0; j < k.np; j++ {
+				row[j] = c.Data[j*qw+i]
+			}
+		}
+		for i := 0; i < k.qLast; i++ {
+			clear(k.t.Data[i*k.t.Stride+k.pLast : i*k.t.Stride+k.np])
+		}
+		return false, nil
+	}
+	// Thick restart from the SVD of T (nq×np, after the last G-pass).
+	nq, np := k.svdQ, k.svdP
+	kk := min(krylovCap(k.b)-2*k.b, nq, np)
+	kk = max(kk, k.r)
+	f := k.coefs(z0, pn) // wp×qw = P_newᵀ·Z
+	fd := append([]float64(nil), f.Data...)
+	if len(k.cmp) < max(k.m, k.n)*kk {
+		k.cmp = make([]float64, max(k.m, k.n)*kk)
+	}
+	// Q ← Q·Ũ_k
+	tmp := blas64.General{Rows: k.m, Cols: kk, Stride: kk, Data: k.cmp[:k.m*kk]}
+	uk := blas64.General{Rows: nq, Cols: kk, Stride: nq, Data: k.su}
+	k.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, cols(k.q, 0, nq), uk, 0, tmp)
+	k.setCols(k.q, 0, tmp)
+	// P ← [P·Ṽ_k, P_new]
+	tmp = blas64.General{Rows: k.n, Cols: kk, Stride: kk, Data: k.cmp[:k.n*kk]}
+	vkt := blas64.General{Rows: kk, Cols: np, Stride: np, Data: k.svt}
+	k.kn.gemm64(blas.NoTrans, blas.Trans, 1, cols(k.p, 0, np), vkt, 0, tmp)
+	k.setCols(k.p, 0, tmp)
+	k.setCols(k.p, kk, pn)
+	// T ← [Σ_k | Ũ_lastᵀ·Fᵀ]
+	for i := 0; i < kk; i++ {
+		row := k.t.Data[i*k.t.Stride : i*k.t.Stride+kk+wp]
+		clear(row)
+		row[i] = k.sv[i]
+		for j := 0; j < wp; j++ {
+			var s float64
+			for l := 0; l < qw; l++ {
+				s += k.su[(k.qLast+l)*nq+i] * fd[j*qw+l]
+			}
+			row[kk+j] = s
+		}
+	}
+	k.nq, k.np = kk, kk+wp
+	k.qLast, k.pLast = 0, kk
+	return false, nil
+}
+
+// estimate computes the SVD of T and the rank-r estimate, keeping the
+// previous one for change().
+func (k *krylov) estimate() error {
+	nq, np, r := k.nq, k.np, k.r
+	e := k.est
+	e.u, e.pu = e.pu, e.u
+	e.v, e.pv = e.pv, e.v
+	grow := func(s []float64, n int) []float64 {
+		if len(s) < n {
+			return make([]float64, n)
+		}
+		return s[:n]
+	}
+	k.ts = grow(k.ts, nq*np)
+	k.su = grow(k.su, nq*nq)
+	k.svt = grow(k.svt, np*np)
+	k.sv = grow(k.sv, min(nq, np))
+	for i := 0; i < nq; i++ {
+		copy(k.ts[i*np:(i+1)*np], k.t.Data[i*k.t.Stride:i*k.t.Stride+np])
+	}
+	ts := blas64.General{Rows: nq, Cols: np, Stride: np, Data: k.ts}
+	su := blas64.General{Rows: nq, Cols: nq, Stride: nq, Data: k.su}
+	svt := blas64.General{Rows: np, Cols: np, Stride: np, Data: k.svt}
+	q := []float64{0}
+	lapack64.Gesvd(lapack.SVDAll, lapack.SVDAll, ts, su, svt, k.sv, q, -1)
+	k.sw = grow(k.sw, max(int(q[0]), 1))
+	if !lapack64.Gesvd(lapack.SVDAll, lapack.SVDAll, ts, su, svt, k.sv, k.sw, len(k.sw)) {
+		return fmt.Errorf("loraone: %d×%d projected SVD did not converge: %w", nq, np, ErrNonFinite)
+	}
+	k.svdQ, k.svdP = nq, np
+	for _, x := range k.sv {
+		if math.IsNaN(x) || math.IsInf(x, 0) {
+			return fmt.Errorf("loraone: non-finite singular value of the %d×%d projected matrix: %w", nq, np, ErrNonFinite)
+		}
+	}
+	ur := blas64.General{Rows: nq, Cols: r, Stride: nq, Data: k.su}
+	vtr := blas64.General{Rows: r, Cols: np, Stride: np, Data: k.svt}
+	k.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, cols(k.q, 0, nq), ur, 0, e.u)
+	k.kn.gemm64(blas.NoTrans, blas.Trans, 1, cols(k.p, 0, np), vtr, 0, e.v)
+	copy(k.sCur, k.sv[:r])
+	// change() squares the singular values: compare them scaled by a
+	// fixed power of two (σ₁ of the first estimate in [0.5, 1)) so that
+	// σ ≈ 1e±300 neither overflows nor underflows there.
+	if k.scaleExp == 0 && k.sCur[0] > 0 {
+		_, k.scaleExp = math.Frexp(k.sCur[0])
+		if k.scaleExp == 0 {
+			k.scaleExp = 1 << 20 // sentinel for "scale 1, already chosen"
+		}
+	}
+	ex := k.scaleExp
+	if ex == 1<<20 {
+		ex = 0
+	}
+	if len(k.sScaled) < r {
+		k.sScaled = make([]float64, r)
+	}
+	copy(e.ps, k.sScaled)
+	for i, x := range k.sCur {
+		k.sScaled[i] = math.Ldexp(x, -ex)
+	}
+	e.s = k.sScaled
+	return nil
+}
