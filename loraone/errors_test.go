@@ -2,6 +2,7 @@ package loraone
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"strings"
 	"testing"
@@ -113,6 +114,10 @@ func TestErrors(t *testing.T) {
 			if err == nil && math.Abs(res.S[0]/1e300-1) > 1e-9 {
 				return errors.New("wrong sigma1")
 			}
+			// The stop rule must work at this scale too: as many passes as unscaled, ±1.
+			if ref, rerr := RandSVD(view64(g, 0), opt); err == nil && (rerr != nil || !res.Converged || res.Passes > ref.Passes+1) {
+				return fmt.Errorf("stop rule at scale 1e300: converged=%v passes=%d (unscaled %d)", res.Converged, res.Passes, ref.Passes)
+			}
 			return err
 		}(), nil, ""},
 		{"huge MaxIters and Oversampling", func() error {
@@ -127,6 +132,10 @@ func TestErrors(t *testing.T) {
 			res, err := RandSVD(v, opt)
 			if err == nil && math.Abs(res.S[0]/1e-300-1) > 1e-9 {
 				return errors.New("wrong sigma1")
+			}
+			// The stop rule must work at this scale too: as many passes as unscaled, ±1.
+			if ref, rerr := RandSVD(view64(g, 0), opt); err == nil && (rerr != nil || !res.Converged || res.Passes > ref.Passes+1) {
+				return fmt.Errorf("stop rule at scale 1e-300: converged=%v passes=%d (unscaled %d)", res.Converged, res.Passes, ref.Passes)
 			}
 			return err
 		}(), nil, ""},

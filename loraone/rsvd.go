@@ -402,12 +402,16 @@ func (w *workspace) change() float64 {
 	r := w.r
 	blas64.Gemm(blas.Trans, blas.NoTrans, 1, w.pu, w.u, 0, w.cross)  // U_{t−1}ᵀ U_t
 	blas64.Gemm(blas.Trans, blas.NoTrans, 1, w.v, w.pv, 0, w.cross2) // V_tᵀ V_{t−1}
+	// The change is a ratio: scale both spectra by the same power of two so that
+	// squares of singular values near 1e±300 neither overflow nor underflow.
+	_, e := math.Frexp(max(w.s[0], w.ps[0]))
 	var tr, nc, np float64
 	for i := 0; i < r; i++ {
-		nc += w.s[i] * w.s[i]
-		np += w.ps[i] * w.ps[i]
+		si, pi := math.Ldexp(w.s[i], -e), math.Ldexp(w.ps[i], -e)
+		nc += si * si
+		np += pi * pi
 		for j := 0; j < r; j++ {
-			tr += w.ps[i] * w.cross.Data[i*r+j] * w.s[j] * w.cross2.Data[j*r+i]
+			tr += pi * w.cross.Data[i*r+j] * math.Ldexp(w.s[j], -e) * w.cross2.Data[j*r+i]
 		}
 	}
 	if nc == 0 {
