@@ -336,12 +336,10 @@ def lora_one(
         UnsupportedDeviceError: a tensor not in CPU memory.
         ReadOnlyOutputError: a read-only output.
     """
-    call = _Call(
-        _native.METHOD_LORA_ONE, grad, rank, gamma, out_b=out_b, out_a=out_a, dtype=dtype,
-        oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed, scaling=None, name="grad",
+    return _compute(
+        _native.METHOD_LORA_ONE, grad, rank, gamma, "grad", None,
+        dict(out_b=out_b, out_a=out_a, dtype=dtype, oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed),
     )
-    _native.compute(*call.args)
-    return call.factors()
 
 
 def lora_ga(
@@ -369,12 +367,10 @@ def lora_ga(
 
     Other arguments as in :func:`lora_one`; ``S`` holds 2r singular values.
     """
-    call = _Call(
-        _native.METHOD_LORA_GA, grad, rank, gamma, out_b=out_b, out_a=out_a, dtype=dtype,
-        oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed, scaling=scaling, name="grad",
+    return _compute(
+        _native.METHOD_LORA_GA, grad, rank, gamma, "grad", scaling,
+        dict(out_b=out_b, out_a=out_a, dtype=dtype, oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed),
     )
-    _native.compute(*call.args)
-    return call.factors()
 
 
 def pissa(
@@ -398,11 +394,15 @@ def pissa(
 
     Other arguments as in :func:`lora_one`.
     """
-    call = _Call(
-        _native.METHOD_PISSA, weight, rank, scaling, out_b=out_b, out_a=out_a, dtype=dtype,
-        oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed, scaling=scaling, name="weight",
+    return _compute(
+        _native.METHOD_PISSA, weight, rank, scaling, "weight", scaling,
+        dict(out_b=out_b, out_a=out_a, dtype=dtype, oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed),
     )
-    _native.compute(*call.args)
+
+
+def _compute(method: int, x: Any, rank: int, scale: float, name: str, scaling: float | None, kw: dict) -> Factors:
+    call = _Call(method, x, rank, scale, scaling=scaling, name=name, **kw)
+    _native.compute(*call.args)  # call keeps every borrowed tensor alive until Go returns
     return call.factors()
 
 
