@@ -17,6 +17,26 @@ type Result struct {
 	Converged bool    // SVD.Converged
 }
 
+// writeFactors sets column j of b to U[:, uOff+j]·fb(j) and row j of a to
+// V[:, j]ᵀ·fa(j), for j < r, then writes both outputs.
+func writeFactors(b, a Dense, s *SVD, r, uOff int, fb, fa func(j int) float64) {
+	m, n := b.Rows, a.Cols
+	bb := make([]float64, m*r) // Shape: (m, r)
+	ab := make([]float64, r*n) // Shape: (r, n)
+	for j := 0; j < r; j++ {
+		f := fb(j)
+		for i := 0; i < m; i++ {
+			bb[i*r+j] = s.U.At(i, uOff+j) * f
+		}
+		f = fa(j)
+		for i := 0; i < n; i++ {
+			ab[j*n+i] = s.V.At(i, j) * f
+		}
+	}
+	b.set(bb)
+	a.set(ab)
+}
+
 func result(s *SVD) Result {
 	return Result{S: s.S, Sigma1: s.S[0], Accuracy: s.Accuracy, Passes: s.Passes, Converged: s.Converged}
 }
@@ -28,14 +48,14 @@ func checkPositive(name string, x float64) error {
 	return nil
 }
 
-// prepare validates the scalar, the input, the rank and both outputs
-// (b m×r, a r×n) and returns the rank to decompose at.
-func prepare(b, a Dense, g Matrix, name string, x float64, opt Options, rankMul int) (int, error) {
+// decompose validates the scalar, the input, the rank and both outputs
+// (b m×r, a r×n), then returns the truncated SVD of g at rank rankMul·r.
+func decompose(b, a Dense, g Matrix, name string, x float64, opt Options, rankMul int) (*SVD, error) {
 	if err := checkPositive(name, x); err != nil {
-		return 0, err
+		return nil, err
 	}
 	if err := g.Validate(); err != nil {
-		return 0, err
+		return nil, err
 	}
 	m, n, r := g.Rows, g.Cols, opt.Rank
 	what := "rank"
@@ -43,18 +63,18 @@ func prepare(b, a Dense, g Matrix, name string, x float64, opt Options, rankMul 
 		what = "2·rank (LoRA-GA)"
 	}
 	if r < 1 {
-		return 0, fmt.Errorf("loraone: rank %d < 1: %w", r, ErrRank)
+		return nil, fmt.Errorf("loraone: rank %d < 1: %w", r, ErrRank)
 	}
 	if err := opt.check(m, n, rankMul*r, what); err != nil {
-		return 0, err
+		return nil, err
 	}
 	if err := b.check("output b", m, r); err != nil {
-		return 0, err
+		return nil, err
 	}
 	if err := a.check("output a", r, n); err != nil {
-		return 0, err
+		return nil, err
 	}
-	return rankMul * r, nil
+	return randSVD(g, rankMul*r, opt)
 }
 
 // LoRAOne writes the LoRA-One initialization computed from the one-step
@@ -78,29 +98,13 @@ func prepare(b, a Dense, g Matrix, name string, x float64, opt Options, rankMul 
 // Cost: Result.Passes products of G or Gᵀ with an n×k or m×k block
 // (k = min(r + Oversampling, min(m, n))), O((m+n)·k) float64 memory.
 func LoRAOne(b, a Dense, g Matrix, gamma float64, opt Options) (Result, error) {
-	k, err := prepare(b, a, g, "gamma", gamma, opt, 1)
+	s, err := decompose(b, a, g, "gamma", gamma, opt, 1)
 	if err != nil {
 		return Result{}, err
 	}
-	s, err := randSVD(g, k, opt)
-	if err != nil {
-		return Result{}, err
-	}
-	m, n, r := g.Rows, g.Cols, opt.Rank
 	c := 1 / (math.Sqrt(gamma) * math.Sqrt(s.S[0])) // no overflow in gamma·sigma1
-	bb := make([]float64, m*r)                      // Shape: (m, r)
-	ab := make([]float64, r*n)                      // Shape: (r, n)
-	for j := 0; j < r; j++ {
-		f := math.Sqrt(s.S[j]) * c
-		for i := 0; i < m; i++ {
-			bb[i*r+j] = s.U.At(i, j) * f
-		}
-		for i := 0; i < n; i++ {
-			ab[j*n+i] = -s.V.At(i, j) * f // sign of −G
-		}
-	}
-	b.set(bb)
-	a.set(ab)
+	f := func(j int) float64 { return math.Sqrt(s.S[j]) * c }
+	writeFactors(b, a, s, opt.Rank, 0, f, func(j int) float64 { return -f(j) }) // A carries the sign of −G
 	return result(s), nil
 }
 
@@ -119,28 +123,14 @@ func LoRAOne(b, a Dense, g Matrix, gamma float64, opt Options) (Result, error) {
 // Needs 2r <= min(m, n) (ErrRank); Result.S has length 2r. Errors and
 // write rules as LoRAOne.
 func LoRAGA(b, a Dense, g Matrix, gamma float64, opt Options) (Result, error) {
-	k, err := prepare(b, a, g, "gamma", gamma, opt, 2)
+	s, err := decompose(b, a, g, "gamma", gamma, opt, 2)
 	if err != nil {
 		return Result{}, err
 	}
-	s, err := randSVD(g, k, opt)
-	if err != nil {
-		return Result{}, err
-	}
-	m, n, r := g.Rows, g.Cols, opt.Rank
-	f := math.Pow(float64(m), 0.25) / math.Sqrt(gamma)
-	bb := make([]float64, m*r) // Shape: (m, r)
-	ab := make([]float64, r*n) // Shape: (r, n)
-	for j := 0; j < r; j++ {
-		for i := 0; i < m; i++ {
-			bb[i*r+j] = s.U.At(i, r+j) * f
-		}
-		for i := 0; i < n; i++ {
-			ab[j*n+i] = s.V.At(i, j) * f
-		}
-	}
-	b.set(bb)
-	a.set(ab)
+	r := opt.Rank
+	f := math.Pow(float64(g.Rows), 0.25) / math.Sqrt(gamma)
+	constant := func(int) float64 { return f }
+	writeFactors(b, a, s, r, r, constant, constant) // B from U[:, r:2r], A from V[:, 0:r]
 	return result(s), nil
 }
 
@@ -156,27 +146,11 @@ func LoRAGA(b, a Dense, g Matrix, gamma float64, opt Options) (Result, error) {
 // and > 0 (ErrArgument); a zero weight returns ErrZero. Errors and write
 // rules as LoRAOne.
 func PiSSA(b, a Dense, w Matrix, scaling float64, opt Options) (Result, error) {
-	k, err := prepare(b, a, w, "scaling", scaling, opt, 1)
+	s, err := decompose(b, a, w, "scaling", scaling, opt, 1)
 	if err != nil {
 		return Result{}, err
 	}
-	s, err := randSVD(w, k, opt)
-	if err != nil {
-		return Result{}, err
-	}
-	m, n, r := w.Rows, w.Cols, opt.Rank
-	bb := make([]float64, m*r) // Shape: (m, r)
-	ab := make([]float64, r*n) // Shape: (r, n)
-	for j := 0; j < r; j++ {
-		f := math.Sqrt(s.S[j] / scaling)
-		for i := 0; i < m; i++ {
-			bb[i*r+j] = s.U.At(i, j) * f
-		}
-		for i := 0; i < n; i++ {
-			ab[j*n+i] = s.V.At(i, j) * f
-		}
-	}
-	b.set(bb)
-	a.set(ab)
+	f := func(j int) float64 { return math.Sqrt(s.S[j] / scaling) }
+	writeFactors(b, a, s, opt.Rank, 0, f, f)
 	return result(s), nil
 }
