@@ -21,10 +21,8 @@ Run: ``python experiments/alignment.py`` (writes ``experiments/results/alignment
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -166,19 +164,10 @@ def plot(res: dict, path: str) -> None:
 
 
 def main(outdir: str = RESULTS) -> dict:
-    os.makedirs(outdir, exist_ok=True)
-    t0 = time.perf_counter()
-    with toy.torch_threads(1):
-        res = run()
-    res["seconds"] = time.perf_counter() - t0
-    plot(res, os.path.join(outdir, "alignment.png"))
-    with open(os.path.join(outdir, "alignment.md"), "w") as f:
-        f.write("# Alignment of randomly initialized LoRA (paper's toy)\n\n" + table(res))
-    with open(os.path.join(outdir, "alignment.json"), "w") as f:
-        summary = {k: v for k, v in res.items() if k != "runs"}
-        summary["runs"] = {k: v["summary"] for k, v in res["runs"].items()}
-        json.dump(summary, f, indent=1)
-    return res
+    return toy.run_and_save(
+        outdir, "alignment", "Alignment of randomly initialized LoRA (paper's toy)", run, plot, table,
+        lambda run: run["summary"],
+    )
 
 
 if __name__ == "__main__":

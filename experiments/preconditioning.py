@@ -24,11 +24,9 @@ Run: ``python experiments/preconditioning.py`` (writes ``experiments/results/pre
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-import time
 
 import torch
 
@@ -172,19 +170,10 @@ def plot(res: dict, path: str) -> None:
 
 
 def main(outdir: str = RESULTS) -> dict:
-    os.makedirs(outdir, exist_ok=True)
-    t0 = time.perf_counter()
-    with toy.torch_threads(1):
-        res = run()
-    res["seconds"] = time.perf_counter() - t0
-    plot(res, os.path.join(outdir, "preconditioning.png"))
-    with open(os.path.join(outdir, "preconditioning.md"), "w") as f:
-        f.write("# Initializations under plain and preconditioned GD (paper's toy)\n\n" + table(res))
-    with open(os.path.join(outdir, "preconditioning.json"), "w") as f:
-        summary = {k: v for k, v in res.items() if k != "runs"}
-        summary["runs"] = {k: {kk: vv for kk, vv in v.items() if kk != "risk"} for k, v in res["runs"].items()}
-        json.dump(summary, f, indent=1)
-    return res
+    return toy.run_and_save(
+        outdir, "preconditioning", "Initializations under plain and preconditioned GD (paper's toy)", run, plot, table,
+        lambda run: {k: v for k, v in run.items() if k != "risk"},
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ with ``torch.linalg.svd`` from their formulas in algorithm.md section 3, and wri
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -235,3 +238,23 @@ def init_pissa(model, problem: Problem) -> None:
         A.copy_(a.to(A.dtype))
         B.copy_(b.to(B.dtype))
         w.copy_((w.double() - s * (b @ a)).to(w.dtype))
+
+
+def run_and_save(outdir: str, name: str, title: str, run, plot, table, summarize_run) -> dict:
+    """Run an experiment on one torch thread and write ``NAME.png``, ``NAME.md`` and ``NAME.json`` to ``outdir``.
+
+    ``summarize_run`` maps one entry of ``res["runs"]`` to what the JSON keeps of it.
+    """
+    os.makedirs(outdir, exist_ok=True)
+    t0 = time.perf_counter()
+    with torch_threads(1):
+        res = run()
+    res["seconds"] = time.perf_counter() - t0
+    plot(res, os.path.join(outdir, f"{name}.png"))
+    with open(os.path.join(outdir, f"{name}.md"), "w") as f:
+        f.write(f"# {title}\n\n" + table(res))
+    with open(os.path.join(outdir, f"{name}.json"), "w") as f:
+        summary = {k: v for k, v in res.items() if k != "runs"}
+        summary["runs"] = {k: summarize_run(v) for k, v in res["runs"].items()}
+        json.dump(summary, f, indent=1)
+    return res
