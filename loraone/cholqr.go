@@ -40,7 +40,13 @@ func (w *workspace) cholRound(c *cholQR, a, dst blas64.General, minRatio float64
 	if !(dmin > minRatio*dmax) {
 		return false
 	}
-	// inv = R⁻¹ (upper triangle; the strictly lower part zeroed for Dgemm).
+	return w.solveR(c, k, a, dst)
+}
+
+// solveR takes the Cholesky factor R in the upper triangle of c.gram, zeroes
+// its strictly lower part, and writes dst = src·R⁻¹ (R⁻¹ in c.inv). It
+// reports false when R is singular.
+func (w *workspace) solveR(c *cholQR, k int, src, dst blas64.General) bool {
 	for i := 0; i < k; i++ {
 		for j := 0; j < k; j++ {
 			if j < i {
@@ -54,7 +60,7 @@ func (w *workspace) cholRound(c *cholQR, a, dst blas64.General, minRatio float64
 	if ok := lapack64.Trtri(blas64.Triangular{Uplo: blas.Upper, Diag: blas.NonUnit, N: k, Stride: k, Data: c.inv.Data}); !ok {
 		return false
 	}
-	w.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, a, c.inv, 0, dst)
+	w.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, src, c.inv, 0, dst)
 	return true
 }
 
@@ -97,20 +103,9 @@ func (w *workspace) cholQR2(a blas64.General) bool {
 			}
 		}
 	}
-	for i := 0; i < k; i++ {
-		for j := 0; j < k; j++ {
-			if j < i {
-				c.inv.Data[i*k+j] = 0
-				c.gram.Data[i*k+j] = 0
-			} else {
-				c.inv.Data[i*k+j] = c.gram.Data[i*k+j]
-			}
-		}
-	}
-	if ok := lapack64.Trtri(blas64.Triangular{Uplo: blas.Upper, Diag: blas.NonUnit, N: k, Stride: k, Data: c.inv.Data}); !ok {
+	if !w.solveR(c, k, q1, a) {
 		return false
 	}
-	w.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, q1, c.inv, 0, a)
 	// R = R₂·R₁ (both upper triangular).
 	blas64.Gemm(blas.NoTrans, blas.NoTrans, 1, c.gram, c.r1, 0, w.rt)
 	return true
