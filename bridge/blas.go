@@ -79,5 +79,8 @@ func withBLAS(opt *loraone.Options) {
 	if lib := activeBLAS.Load(); lib != nil {
 		opt.Sgemm = lib.Sgemm
 		opt.Dgemm = lib.Dgemm
+		if lib.HasDgesdd() {
+			opt.Gesdd = lib.Dgesdd
+		}
 	}
 }

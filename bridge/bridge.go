@@ -18,6 +18,13 @@ const (
 	// MethodPiSSA: factors of the SVD of the weight W. scale is the LoRA scaling s.
 	MethodPiSSA = 2
 
+	// AlgorithmDefault, AlgorithmSubspace and AlgorithmKrylov select the
+	// truncated SVD: the engine's default (block Krylov), randomized
+	// subspace iteration, or block Krylov (loraone.Options.Krylov).
+	AlgorithmDefault  = -1
+	AlgorithmSubspace = 0
+	AlgorithmKrylov   = 1
+
 	// methodPanic forces a panic inside the computation; only tests use it, to
 	// show that a panic comes back to Python as an "internal:" error.
 	methodPanic = 99
@@ -50,14 +57,15 @@ type request struct {
 //
 // method is MethodLoRAOne, MethodLoRAGA or MethodPiSSA; scale is gamma for the
 // first two and the LoRA scaling for PiSSA. oversampling, maxIters and tol
-// below zero select the engine's defaults. The call releases the GIL; the
+// below zero select the engine's defaults; algorithm is AlgorithmDefault,
+// AlgorithmSubspace or AlgorithmKrylov. The call releases the GIL; the
 // tensors must stay alive until it returns.
 func Compute(method int, g uintptr, gVersioned bool, b uintptr, bVersioned bool,
 	a uintptr, aVersioned bool, s uintptr, sVersioned bool, info uintptr, infoVersioned bool,
-	rank int, scale float64, oversampling int, maxIters int, tol float64, seed int64) (acc float64, err error) {
+	rank int, scale float64, oversampling int, maxIters int, tol float64, seed int64, algorithm int) (acc float64, err error) {
 	defer recoverError(&err)
 	req, err := newRequest(method, g, gVersioned, b, bVersioned, a, aVersioned, s, sVersioned,
-		info, infoVersioned, rank, scale, oversampling, maxIters, tol, seed)
+		info, infoVersioned, rank, scale, oversampling, maxIters, tol, seed, algorithm)
 	if err != nil {
 		return 0, err
 	}
@@ -75,7 +83,7 @@ func ForcePanic(msg string) (n int, err error) {
 // data, so a validation error leaves every tensor untouched.
 func newRequest(method int, g uintptr, gv bool, b uintptr, bv bool, a uintptr, av bool,
 	s uintptr, sv bool, info uintptr, iv bool,
-	rank int, scale float64, oversampling int, maxIters int, tol float64, seed int64) (*request, error) {
+	rank int, scale float64, oversampling int, maxIters int, tol float64, seed int64, algorithm int) (*request, error) {
 	switch method {
 	case MethodLoRAOne, MethodLoRAGA, MethodPiSSA, methodPanic:
 	default:
@@ -99,6 +107,15 @@ func newRequest(method int, g uintptr, gv bool, b uintptr, bv bool, a uintptr, a
 		opt.Tol = tol
 	}
 	opt.Seed = uint64(seed)
+	switch algorithm {
+	case AlgorithmDefault:
+	case AlgorithmSubspace:
+		opt.Krylov = false
+	case AlgorithmKrylov:
+		opt.Krylov = true
+	default:
+		return nil, kindf(kindInvalid, "unknown algorithm code %d", algorithm)
+	}
 	withBLAS(&opt) // the optimized BLAS loaded by UseBLAS, if any
 
 	req := &request{method: method, scale: scale, opt: opt}

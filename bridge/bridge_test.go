@@ -98,7 +98,46 @@ func newCall(t *testing.T, m, n, r int, g []float64) call {
 
 func (c call) compute(method int, scale float64) (float64, error) {
 	return Compute(method, c.g.addr, false, c.b.addr, true, c.a.addr, true, c.s.addr, true, c.info.addr, true,
-		c.rank, scale, -1, -1, 1e-10, 1)
+		c.rank, scale, -1, -1, 1e-10, 1, AlgorithmDefault)
+}
+
+// TestAlgorithms: both truncated-SVD algorithms reach the exact top-r
+// singular values of a full-rank matrix with a gap after r, and an unknown
+// algorithm code is refused before any output is written.
+func TestAlgorithms(t *testing.T) {
+	const m, n, r = 40, 30, 4
+	g := make([]float64, m*n)
+	var svd mat.SVD
+	for i := range g {
+		g[i] = math.Sin(float64(i*i%97)) + float64(i%7)
+	}
+	if !svd.Factorize(mat.NewDense(m, n, g), mat.SVDNone) {
+		t.Fatal("exact SVD failed")
+	}
+	want := svd.Values(nil)[:r]
+	for _, alg := range []int{AlgorithmDefault, AlgorithmSubspace, AlgorithmKrylov} {
+		c := newCall(t, m, n, r, g)
+		if _, err := Compute(MethodLoRAOne, c.g.addr, false, c.b.addr, true, c.a.addr, true, c.s.addr, true,
+			c.info.addr, true, r, 128, -1, 60, 1e-12, 1, alg); err != nil {
+			t.Fatalf("algorithm %d: %v", alg, err)
+		}
+		for i, s := range c.s.float64s()[:r] {
+			if math.Abs(s-want[i]) > 1e-9*want[0] {
+				t.Errorf("algorithm %d: S[%d] = %v, want %v", alg, i, s, want[i])
+			}
+		}
+	}
+	c := newCall(t, m, n, r, g)
+	_, err := Compute(MethodLoRAOne, c.g.addr, false, c.b.addr, true, c.a.addr, true, c.s.addr, true,
+		c.info.addr, true, r, 128, -1, -1, -1, 1, 5)
+	if err == nil || !strings.HasPrefix(err.Error(), "invalid-argument: unknown algorithm code 5") {
+		t.Errorf("algorithm 5: err = %v", err)
+	}
+	for _, x := range c.b.float64s() {
+		if x != 0 {
+			t.Fatal("refused call wrote out_b")
+		}
+	}
 }
 
 // TestComputeLoRAOne checks B·A against [-G]_r/(gamma·sigma1) from gonum's exact SVD.
@@ -215,7 +254,7 @@ func TestPool(t *testing.T) {
 			g := lowRank(m, n, 5, uint64(w))
 			async, sync := newCall(t, m, n, r, g), newCall(t, m, n, r, g)
 			id, err := p.Submit(MethodLoRAOne, async.g.addr, false, async.b.addr, true, async.a.addr, true,
-				async.s.addr, true, async.info.addr, true, r, 64, -1, -1, 1e-10, 1)
+				async.s.addr, true, async.info.addr, true, r, 64, -1, -1, 1e-10, 1, AlgorithmDefault)
 			if err != nil {
 				t.Error(err)
 				return
@@ -249,7 +288,7 @@ func TestPoolRecoversPanics(t *testing.T) {
 	c := newCall(t, 6, 5, 2, lowRank(6, 5, 2, 1))
 	p := NewPool(1)
 	id, err := p.Submit(methodPanic, c.g.addr, false, c.b.addr, true, c.a.addr, true, c.s.addr, true, c.info.addr, true,
-		2, 1, -1, -1, -1, 0)
+		2, 1, -1, -1, -1, 0, AlgorithmDefault)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,7 +301,7 @@ func TestSubmitValidationErrorQueuesNothing(t *testing.T) {
 	c := newCall(t, 6, 5, 2, nil) // zero data parses fine; bad gamma fails validation
 	p := NewPool(1)
 	if _, err := p.Submit(MethodLoRAOne, c.g.addr, false, c.b.addr, true, c.a.addr, true, c.s.addr, true,
-		c.info.addr, true, 2, 0, -1, -1, -1, 0); err == nil {
+		c.info.addr, true, 2, 0, -1, -1, -1, 0, AlgorithmDefault); err == nil {
 		t.Fatal("want error")
 	}
 	if p.Pending() != 0 {

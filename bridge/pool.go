@@ -51,10 +51,10 @@ func (p *Pool) Pending() int {
 // queues nothing.
 func (p *Pool) Submit(method int, g uintptr, gVersioned bool, b uintptr, bVersioned bool,
 	a uintptr, aVersioned bool, s uintptr, sVersioned bool, info uintptr, infoVersioned bool,
-	rank int, scale float64, oversampling int, maxIters int, tol float64, seed int64) (id int64, err error) {
+	rank int, scale float64, oversampling int, maxIters int, tol float64, seed int64, algorithm int) (id int64, err error) {
 	defer recoverError(&err)
 	req, err := newRequest(method, g, gVersioned, b, bVersioned, a, aVersioned, s, sVersioned,
-		info, infoVersioned, rank, scale, oversampling, maxIters, tol, seed)
+		info, infoVersioned, rank, scale, oversampling, maxIters, tol, seed, algorithm)
 	if err != nil {
 		return 0, err
 	}

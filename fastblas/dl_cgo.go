@@ -23,6 +23,11 @@ typedef void (*setthreads_t)(int);
 // openblas_get_num_threads returns a C int in every build, ILP64 included.
 typedef int (*getthreads_t)(void);
 typedef char* (*getconfig_t)(void);
+// LAPACKE_dgesdd (row-major C interface; LAPACKE allocates its own work).
+typedef int64_t (*dgesdd64_t)(int, char, int64_t, int64_t, double*, int64_t,
+	double*, double*, int64_t, double*, int64_t);
+typedef int32_t (*dgesdd32_t)(int, char, int32_t, int32_t, double*, int32_t,
+	double*, double*, int32_t, double*, int32_t);
 
 static void fb_sgemm(void* f, int ilp64, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha,
 	const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -40,6 +45,14 @@ static void fb_dgemm(void* f, int ilp64, int ta, int tb, int64_t m, int64_t n, i
 	} else {
 		((dgemm32_t)f)(101, ta, tb, (int32_t)m, (int32_t)n, (int32_t)k, alpha, a, (int32_t)lda, b, (int32_t)ldb, beta, c, (int32_t)ldc);
 	}
+}
+
+static int64_t fb_dgesdd(void* f, int ilp64, char jobz, int64_t m, int64_t n, double* a, int64_t lda,
+	double* s, double* u, int64_t ldu, double* vt, int64_t ldvt) {
+	if (ilp64) {
+		return ((dgesdd64_t)f)(101, jobz, m, n, a, lda, s, u, ldu, vt, ldvt);
+	}
+	return ((dgesdd32_t)f)(101, jobz, (int32_t)m, (int32_t)n, a, (int32_t)lda, s, u, (int32_t)ldu, vt, (int32_t)ldvt);
 }
 
 static void fb_set_threads(void* f, int n) {
@@ -118,6 +131,15 @@ func callDgemm(f unsafe.Pointer, ilp64 bool, tA, tB bool, m, n, k int, alpha flo
 	C.fb_dgemm(f, cBool(ilp64), cTrans(tA), cTrans(tB), C.int64_t(m), C.int64_t(n), C.int64_t(k), C.double(alpha),
 		(*C.double)(unsafe.Pointer(a)), C.int64_t(lda), (*C.double)(unsafe.Pointer(b)), C.int64_t(ldb),
 		C.double(beta), (*C.double)(unsafe.Pointer(c)), C.int64_t(ldc))
+}
+
+// callDgesdd calls the row-major LAPACKE dgesdd at f with jobz 'S' (thin
+// factors) and returns its info (0 on success).
+func callDgesdd(f unsafe.Pointer, ilp64 bool, m, n int, a *float64, lda int,
+	s, u *float64, ldu int, vt *float64, ldvt int) int {
+	return int(C.fb_dgesdd(f, cBool(ilp64), 'S', C.int64_t(m), C.int64_t(n), (*C.double)(unsafe.Pointer(a)), C.int64_t(lda),
+		(*C.double)(unsafe.Pointer(s)), (*C.double)(unsafe.Pointer(u)), C.int64_t(ldu),
+		(*C.double)(unsafe.Pointer(vt)), C.int64_t(ldvt)))
 }
 
 func callSetThreads(f unsafe.Pointer, n int) {

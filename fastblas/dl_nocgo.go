@@ -22,6 +22,10 @@ func callDgemm(unsafe.Pointer, bool, bool, bool, int, int, int, float64,
 	panic("fastblas: no cgo")
 }
 
+func callDgesdd(unsafe.Pointer, bool, int, int, *float64, int, *float64, *float64, int, *float64, int) int {
+	panic("fastblas: no cgo")
+}
+
 func callSetThreads(unsafe.Pointer, int) { panic("fastblas: no cgo") }
 
 func callGetThreads(unsafe.Pointer) int { panic("fastblas: no cgo") }

@@ -19,6 +19,7 @@ type flavour struct {
 	sgemm, dgemm           string
 	setThreads, getThreads string
 	config                 string
+	gesdd                  string // LAPACKE_dgesdd, optional
 	ilp64                  bool
 }
 
@@ -27,13 +28,13 @@ type flavour struct {
 // (LP64) and an OpenBLAS built with INTERFACE64 and the 64_ suffix.
 var flavours = []flavour{
 	{"scipy-openblas64 (ILP64)", "scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_",
-		"scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_", "scipy_openblas_get_config64_", true},
+		"scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_", "scipy_openblas_get_config64_", "scipy_LAPACKE_dgesdd64_", true},
 	{"scipy-openblas32 (LP64)", "scipy_cblas_sgemm", "scipy_cblas_dgemm",
-		"scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads", "scipy_openblas_get_config", false},
+		"scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads", "scipy_openblas_get_config", "scipy_LAPACKE_dgesdd", false},
 	{"OpenBLAS (LP64)", "cblas_sgemm", "cblas_dgemm",
-		"openblas_set_num_threads", "openblas_get_num_threads", "openblas_get_config", false},
+		"openblas_set_num_threads", "openblas_get_num_threads", "openblas_get_config", "LAPACKE_dgesdd", false},
 	{"OpenBLAS (ILP64, 64_ suffix)", "cblas_sgemm64_", "cblas_dgemm64_",
-		"openblas_set_num_threads64_", "openblas_get_num_threads64_", "openblas_get_config64_", true},
+		"openblas_set_num_threads64_", "openblas_get_num_threads64_", "openblas_get_config64_", "LAPACKE_dgesdd64_", true},
 }
 
 // Lib is a loaded CBLAS library. Its methods are safe for concurrent use
@@ -43,6 +44,7 @@ type Lib struct {
 	flavour                flavour
 	sgemm, dgemm           unsafe.Pointer
 	setThreads, getThreads unsafe.Pointer
+	gesdd                  unsafe.Pointer // nil: the library has no LAPACKE
 	config                 string
 }
 
@@ -72,7 +74,8 @@ func Open(path string) (*Lib, error) {
 			continue
 		}
 		l := &Lib{path: path, flavour: f, sgemm: s, dgemm: d,
-			setThreads: dlSym(h, f.setThreads), getThreads: dlSym(h, f.getThreads)}
+			setThreads: dlSym(h, f.setThreads), getThreads: dlSym(h, f.getThreads),
+			gesdd: dlSym(h, f.gesdd)}
 		if c := dlSym(h, f.config); c != nil {
 			l.config = strings.TrimSpace(callGetConfig(c))
 		}
@@ -169,6 +172,40 @@ func (l *Lib) Dgemm(tA, tB blas.Transpose, m, n, k int, alpha float64, a []float
 	}
 	callDgemm(l.dgemm, l.flavour.ilp64, tA != blas.NoTrans, tB != blas.NoTrans, m, n, k, alpha,
 		&a[0], lda, &b[0], ldb, beta, &c[0], ldc)
+}
+
+// HasDgesdd reports whether the library exports LAPACKE_dgesdd (every
+// OpenBLAS build with LAPACK does, numpy's included).
+func (l *Lib) HasDgesdd() bool { return l.gesdd != nil }
+
+// Dgesdd computes the thin SVD of the row-major m×n matrix a (destroyed):
+//
+//	a = u · diag(s) · vt,   u m×q, s q, vt q×n,   q = min(m, n)
+//
+// with LAPACK's divide-and-conquer dgesdd (jobz 'S'), writing s (descending),
+// the first q columns of u (row stride ldu >= q) and the first q rows of vt
+// (row stride ldvt >= n). It reports false when the library has no dgesdd or
+// the iteration failed to converge; a and the outputs are then undefined.
+// It panics on short slices or strides, before calling C. Its contract is
+// loraone.Gesdd's.
+func (l *Lib) Dgesdd(m, n int, a []float64, lda int, s, u []float64, ldu int, vt []float64, ldvt int) bool {
+	q := min(m, n)
+	if m < 0 || n < 0 || lda < max(1, n) || ldu < max(1, q) || ldvt < max(1, n) {
+		panic("fastblas: bad Dgesdd dimension or stride")
+	}
+	if !l.flavour.ilp64 && (m > maxInt32 || n > maxInt32 || lda > maxInt32 || ldu > maxInt32 || ldvt > maxInt32) {
+		panic("fastblas: dimension exceeds the 32-bit integers of this library")
+	}
+	if q == 0 {
+		return true
+	}
+	if len(a) < (m-1)*lda+n || len(s) < q || len(u) < (m-1)*ldu+q || len(vt) < (q-1)*ldvt+n {
+		panic("fastblas: short Dgesdd slice")
+	}
+	if l.gesdd == nil {
+		return false
+	}
+	return callDgesdd(l.gesdd, l.flavour.ilp64, m, n, &a[0], lda, &s[0], &u[0], ldu, &vt[0], ldvt) == 0
 }
 
 func scale32(m, n int, beta float32, c []float32, ldc int) {

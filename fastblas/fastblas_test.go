@@ -14,6 +14,7 @@ import (
 
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/gonum"
+	"gonum.org/v1/gonum/mat"
 
 	"github.com/peft-loraone/peft-loraone/loraone"
 )
@@ -289,4 +290,63 @@ func BenchmarkRandSVD(b *testing.B) {
 			b.ReportMetric(float64(passes), "passes")
 		})
 	}
+}
+
+// TestDgesdd checks the thin SVD against gonum's on tall, wide and square
+// matrices with padded strides: equal singular values, and U·diag(S)·Vᵀ
+// reproduces the input.
+func TestDgesdd(t *testing.T) {
+	l := openOrSkip(t)
+	if !l.HasDgesdd() {
+		t.Skip("library without LAPACKE_dgesdd")
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, c := range []struct{ m, n int }{{1, 1}, {7, 3}, {3, 7}, {40, 40}, {150, 60}} {
+		q := min(c.m, c.n)
+		lda, ldu, ldvt := c.n+2, q+1, c.n+3
+		a := make([]float64, c.m*lda)
+		for i := range a {
+			a[i] = rng.NormFloat64()
+		}
+		orig := append([]float64(nil), a...)
+		s, u, vt := make([]float64, q), make([]float64, c.m*ldu), make([]float64, q*ldvt)
+		if !l.Dgesdd(c.m, c.n, a, lda, s, u, ldu, vt, ldvt) {
+			t.Fatalf("%dx%d: Dgesdd failed", c.m, c.n)
+		}
+		var ref mat.SVD
+		if !ref.Factorize(mat.NewDense(c.m, c.n, denseOf(orig, c.m, c.n, lda)), mat.SVDThin) {
+			t.Fatal("gonum SVD failed")
+		}
+		for i, want := range ref.Values(nil) {
+			if math.Abs(s[i]-want) > 1e-12*want+1e-13 {
+				t.Errorf("%dx%d: s[%d] = %v, want %v", c.m, c.n, i, s[i], want)
+			}
+		}
+		for i := 0; i < c.m; i++ {
+			for j := 0; j < c.n; j++ {
+				var x float64
+				for p := 0; p < q; p++ {
+					x += u[i*ldu+p] * s[p] * vt[p*ldvt+j]
+				}
+				if d := math.Abs(x - orig[i*lda+j]); d > 1e-12*float64(c.m+c.n) {
+					t.Fatalf("%dx%d: (U S Vᵀ)[%d,%d] off by %g", c.m, c.n, i, j, d)
+				}
+			}
+		}
+	}
+	defer func() {
+		if r := recover(); r != "fastblas: short Dgesdd slice" {
+			t.Errorf("short slice: panic %v", r)
+		}
+	}()
+	l.Dgesdd(3, 3, make([]float64, 8), 3, make([]float64, 3), make([]float64, 9), 3, make([]float64, 9), 3)
+}
+
+// denseOf copies the m×n matrix stored with row stride ld.
+func denseOf(a []float64, m, n, ld int) []float64 {
+	out := make([]float64, 0, m*n)
+	for i := 0; i < m; i++ {
+		out = append(out, a[i*ld:i*ld+n]...)
+	}
+	return out
 }

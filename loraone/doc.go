@@ -8,26 +8,28 @@
 // LoRA-One (Zhang, Liu, Chen, arXiv 2502.01235) initializes a LoRA pair
 // from the top-r singular subspaces of the one-step full-fine-tuning
 // gradient G (m×n, m = out features, n = in features). The work is one
-// truncated SVD, done by RandSVD: a randomized subspace iteration with a
-// Gaussian start block of k = min(r+p, min(m, n)) columns, a thin
-// Householder QR (Geqrf + Orgqr) after every product with G or Gᵀ, and an
-// exact SVD (Gesvd) of a k×k triangle only. Every pass over G yields a
-// rank-r estimate for free,
+// truncated SVD, done by RandSVD. By default (Options.Krylov, set by
+// DefaultOptions) it is block Lanczos bidiagonalization with block size
+// b = max(r, 16) and full re-orthogonalization:
+//
+//	P₁ = qr(Ω);  Q_j = orth(G·P_j ⊥ Q₁…Q_{j−1});  P_{j+1} = orth(Gᵀ·Q_j ⊥ P₁…P_j)
+//
+// with the rank-r estimate taken after every pass from the exact SVD of
+// the small projected matrix T = Qᵀ·G·P (LAPACK's dgesdd when injected),
+// and a thick restart that caps the basis at min(8b, max(256, 4b)) columns.
+// With Options.Krylov false it is a randomized subspace iteration with a
+// Gaussian start block of k = min(r+p, min(m, n)) columns, a thin QR
+// after every product with G or Gᵀ, and an exact SVD of a k×k triangle
+// only. Every pass over G yields a rank-r estimate for free,
 //
 //	after Y = G·Q_z = Q_y·R_y:    G·P_{Q_z} = Q_y·R_y·Q_zᵀ
 //	after Z = Gᵀ·Q_y = Q_z·R_z:   P_{Q_y}·G = Q_y·R_zᵀ·Q_zᵀ
 //
-// and the iteration stops when two consecutive estimates X differ by
-// ‖X_t − X_{t−1}‖_F / ‖X_t‖_F <= Options.Tol, or after Options.MaxIters
-// power iterations (at most 2 + 2·MaxIters passes). The answer comes from
-// the last pass. See DefaultOptions for the defaults and why.
-//
-// Options.Krylov (default false) selects a block Krylov variant instead:
-// block Lanczos bidiagonalization with block size r and full
-// re-orthogonalization, the rank-r estimate taken from the exact SVD of
-// the projected matrix Qᵀ·G·P, the same stop rule, and a thick restart
-// that caps the basis at min(8r, max(256, 4r)) columns. It needs fewer
-// column-passes over G, at the price of a larger (gonum) small SVD.
+// Both stop once the estimated relative error of the rank-r estimate,
+// extrapolated from the last two changes ‖X_t − X_{t−1}‖_F / ‖X_t‖_F, is
+// <= Options.Tol, or after Options.MaxIters iterations (at most
+// 2 + 2·MaxIters passes). The answer comes from the last pass. See
+// DefaultOptions for the defaults and why.
 //
 // # Formulas
 //

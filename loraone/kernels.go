@@ -4,17 +4,35 @@ import (
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas32"
 	"gonum.org/v1/gonum/blas/blas64"
+	"gonum.org/v1/gonum/lapack"
+	"gonum.org/v1/gonum/lapack/lapack64"
 )
 
 // kernels holds the matrix multiplies of one call: the injected
 // Options.Sgemm/Dgemm, or gonum's implementation where they are nil.
 type kernels struct {
-	s Gemm32
-	d Gemm64
+	s   Gemm32
+	d   Gemm64
+	svd Gesdd
 }
 
 func newKernels(opt Options) kernels {
-	return kernels{s: opt.Sgemm, d: opt.Dgemm}
+	return kernels{s: opt.Sgemm, d: opt.Dgemm, svd: opt.Gesdd}
+}
+
+// thinSVD factors the m×n matrix a (destroyed) as u·diag(s)·vt with the
+// injected Gesdd, or gonum's Dgesvd (SVDStore: thin factors). u needs
+// m×min(m,n) and vt min(m,n)×n; work is gonum's scratch, grown as needed.
+func (kn kernels) thinSVD(a blas64.General, s []float64, u, vt blas64.General, work *[]float64) bool {
+	if kn.svd != nil {
+		return kn.svd(a.Rows, a.Cols, a.Data, a.Stride, s, u.Data, u.Stride, vt.Data, vt.Stride)
+	}
+	q := []float64{0}
+	lapack64.Gesvd(lapack.SVDStore, lapack.SVDStore, a, u, vt, s, q, -1)
+	if len(*work) < int(q[0]) {
+		*work = make([]float64, max(int(q[0]), 1))
+	}
+	return lapack64.Gesvd(lapack.SVDStore, lapack.SVDStore, a, u, vt, s, *work, len(*work))
 }
 
 // gemm32 is blas32.Gemm through the injected Sgemm:

@@ -7,7 +7,6 @@ import (
 
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas64"
-	"gonum.org/v1/gonum/lapack"
 	"gonum.org/v1/gonum/lapack/lapack64"
 	"gonum.org/v1/gonum/mat"
 )
@@ -19,6 +18,15 @@ import (
 func krylovCap(b int) int {
 	return min(8*b, max(256, 4*b))
 }
+
+// krylovBlock is the block size of the Krylov iteration for rank r: r, but
+// at least 16 columns (thin panels run the GEMM far below its peak, and a
+// block of 16 needed fewer passes than 8 at r = 8), and at most min(m, n).
+func krylovBlock(r, m, n int) int {
+	return min(max(r, 16), m, n)
+}
+
+var krylovSlow = 2.0
 
 // krylovSVD is RandSVD with Options.Krylov set: block Lanczos
 // bidiagonalization with full re-orthogonalization, block size b = r,
@@ -48,7 +56,7 @@ func krylovCap(b int) int {
 // iteration stops with Accuracy 0.
 func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	m, n := g.Rows, g.Cols
-	b := r
+	b := krylovBlock(r, m, n)
 	capQ := min(krylovCap(b), m)
 	capP := min(capQ+b, n)
 	k := &krylov{
@@ -62,7 +70,8 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		coef: make([]float64, capP*b),
 		sCur: make([]float64, r),
 	}
-	k.est = &workspace{m: m, n: n, r: r,
+	k.qrw = &workspace{m: m, n: n, k: b, kn: k.kn, rt: general(b, b)}
+	k.est = &workspace{m: m, n: n, r: r, kn: k.kn,
 		u: general(m, r), v: general(n, r), pu: general(m, r), pv: general(n, r),
 		cross: general(r, r), cross2: general(r, r), ps: make([]float64, r)}
 	prod := newProduct(g, b, k.kn)
@@ -70,7 +79,9 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	// P₁: orthonormal Gaussian start block.
 	w := blas64.General{Rows: n, Cols: b, Stride: b, Data: k.wn.Data}
 	k.randomFill(w, 0, b)
-	k.hqr(w)
+	if !k.cholQR(w) {
+		k.hqr(w)
+	}
 	k.setCols(k.p, 0, w)
 	k.np, k.pLast = b, 0
 
@@ -84,8 +95,10 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	// injected); the G-pass estimates are always made. Skipping them
 	// makes Accuracy the change over two passes (more conservative).
 	slow := 1.0
-	if opt.Sgemm != nil || opt.Dgemm != nil {
+	if (opt.Sgemm != nil || opt.Dgemm != nil) && opt.Gesdd == nil {
 		slow = 16
+	} else if opt.Gesdd != nil {
+		slow = krylovSlow
 	}
 	passFlops := 2 * float64(m) * float64(n) * float64(b)
 	estimated := false // an estimate was made after the last pass
@@ -117,7 +130,7 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 					return nil, err
 				}
 			}
-			res.Accuracy = 0
+			res.Accuracy, res.Change = 0, 0
 			res.Converged = opt.Tol > 0
 			break
 		}
@@ -135,7 +148,8 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		if pass == 1 {
 			continue
 		}
-		res.Accuracy = k.est.change()
+		c := k.est.change()
+		res.Accuracy, res.Change = errorEstimate(c, res.Change), c
 		if opt.Tol > 0 && res.Accuracy <= opt.Tol {
 			res.Converged = true
 			break
@@ -174,6 +188,9 @@ type krylov struct {
 	sScaled     []float64 // S_r·2^−scaleExp, for change()
 	scaleExp    int
 	est         *workspace
+	qrw         *workspace // CholeskyQR2 scratch for b-column blocks
+	norm0       []float64
+	norm1       []float64
 }
 
 // cols returns columns c0:c1 of a as a view.
@@ -203,16 +220,17 @@ func (k *krylov) hqr(a blas64.General) {
 	if len(k.tau) < a.Cols {
 		k.tau = make([]float64, a.Cols)
 	}
+	tau := k.tau[:a.Cols]
 	q := []float64{0}
-	lapack64.Geqrf(a, k.tau, q, -1)
+	lapack64.Geqrf(a, tau, q, -1)
 	lw := int(q[0])
-	lapack64.Orgqr(a, k.tau, q, -1)
+	lapack64.Orgqr(a, tau, q, -1)
 	lw = max(lw, int(q[0]), 1)
 	if len(k.work) < lw {
 		k.work = make([]float64, lw)
 	}
-	lapack64.Geqrf(a, k.tau[:a.Cols], k.work, len(k.work))
-	lapack64.Orgqr(a, k.tau[:a.Cols], k.work, len(k.work))
+	lapack64.Geqrf(a, tau, k.work, len(k.work))
+	lapack64.Orgqr(a, tau, k.work, len(k.work))
 }
 
 // coefs computes c = basisᵀ·w into k.coef (basis.Cols × w.Cols).
@@ -234,18 +252,41 @@ func (k *krylov) project(w, basis blas64.General) {
 // exactly wOut dimensions and any basis of it is returned). Columns that
 // are rounding noise after the projection (breakdown) are replaced by
 // Gaussian columns. The block is returned as a contiguous view of w.Data.
+//
+// Block Gram–Schmidt with the DGKS criterion: w is projected once, and a
+// second time only if some column lost more than 1 − 1/√2 of its norm
+// (cancellation); the block is then factored by CholeskyQR2 when a fast
+// Dgemm is injected. A block CholeskyQR2 accepts (condition number below
+// ~1e3) is orthonormal and orthogonal to basis to rounding; otherwise the
+// Householder QR and an explicit check of the new columns against basis
+// (the slow but robust path) take over.
 func (k *krylov) orthNew(w, basis blas64.General, wOut int) blas64.General {
 	if wOut < w.Cols {
 		w = blas64.General{Rows: w.Rows, Cols: wOut, Stride: wOut, Data: w.Data[:w.Rows*wOut]}
 		k.randomFill(w, 0, wOut)
 	}
 	if basis.Cols == 0 {
-		k.hqr(w)
+		if !k.cholQR(w) {
+			k.hqr(w)
+		}
 		return w
 	}
 	for it := 0; ; it++ {
+		before := k.colNorms(w, &k.norm0)
 		k.project(w, basis)
-		k.project(w, basis)
+		after := k.colNorms(w, &k.norm1)
+		for j := range after {
+			if !(after[j] >= before[j]/math.Sqrt2) {
+				k.project(w, basis)
+				break
+			}
+		}
+		if k.cholQR(w) {
+			break
+		}
+		if it > 0 {
+			k.project(w, basis) // the Householder path projects twice
+		}
 		k.hqr(w)
 		if it == 5 {
 			break
@@ -268,6 +309,35 @@ func (k *krylov) orthNew(w, basis blas64.General, wOut int) blas64.General {
 		}
 	}
 	return w
+}
+
+// colNorms returns the Euclidean norms of the columns of w in *buf.
+func (k *krylov) colNorms(w blas64.General, buf *[]float64) []float64 {
+	if len(*buf) < w.Cols {
+		*buf = make([]float64, w.Cols)
+	}
+	out := (*buf)[:w.Cols]
+	clear(out)
+	for i := 0; i < w.Rows; i++ {
+		row := w.Data[i*w.Stride : i*w.Stride+w.Cols]
+		for j, x := range row {
+			out[j] += x * x
+		}
+	}
+	for j := range out {
+		out[j] = math.Sqrt(out[j])
+	}
+	return out
+}
+
+// cholQR factors a full-width block (b columns) in place by CholeskyQR2
+// when a fast Dgemm is injected; it reports false (a untouched) otherwise,
+// or when the block is too ill-conditioned for it.
+func (k *krylov) cholQR(a blas64.General) bool {
+	if k.kn.d == nil || a.Cols != k.qrw.k {
+		return false
+	}
+	return k.qrw.cholQR2(a)
 }
 
 // passG multiplies G by the last P block and extends Q and T. It reports
@@ -393,13 +463,11 @@ func (k *krylov) estimate() error {
 	for i := 0; i < nq; i++ {
 		copy(k.ts[i*np:(i+1)*np], k.t.Data[i*k.t.Stride:i*k.t.Stride+np])
 	}
+	mn := min(nq, np)
 	ts := blas64.General{Rows: nq, Cols: np, Stride: np, Data: k.ts}
-	su := blas64.General{Rows: nq, Cols: nq, Stride: nq, Data: k.su}
-	svt := blas64.General{Rows: np, Cols: np, Stride: np, Data: k.svt}
-	q := []float64{0}
-	lapack64.Gesvd(lapack.SVDAll, lapack.SVDAll, ts, su, svt, k.sv, q, -1)
-	k.sw = grow(k.sw, max(int(q[0]), 1))
-	if !lapack64.Gesvd(lapack.SVDAll, lapack.SVDAll, ts, su, svt, k.sv, k.sw, len(k.sw)) {
+	su := blas64.General{Rows: nq, Cols: mn, Stride: nq, Data: k.su}   // thin Ũ, row stride nq
+	svt := blas64.General{Rows: mn, Cols: np, Stride: np, Data: k.svt} // thin Ṽᵀ
+	if !k.kn.thinSVD(ts, k.sv, su, svt, &k.sw) {
 		return fmt.Errorf("loraone: %d×%d projected SVD did not converge: %w", nq, np, ErrNonFinite)
 	}
 	k.svdQ, k.svdP = nq, np

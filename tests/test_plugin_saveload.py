@@ -76,7 +76,7 @@ def test_save_then_load_in_stock_peft(tmp_path):
         assert cfg["init_lora_weights"] is True
         prov = json.loads((tmp_path / name / "adapter" / peft_loraone.report.PROVENANCE_FILE).read_text())
         assert prov["init"] == "loraone" and prov["gamma"] == 4.0 and prov["batches"] == 2 and prov["samples"] == 4
-        assert set(prov["svd"]) == {"oversampling", "power_iters", "tol", "seed"}
+        assert set(prov["svd"]) == {"oversampling", "power_iters", "tol", "seed", "algorithm"}
         assert prov["versions"]["peft"] and prov["versions"]["peft_loraone"]
         assert [m["name"] for m in prov["modules"]] == [m.name for m in report.modules]
     (tmp_path / "cases.json").write_text(json.dumps({n: c[2] for n, c in CASES.items()}))

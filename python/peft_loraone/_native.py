@@ -40,6 +40,7 @@ gc.callbacks[:] = [cb for cb in gc.callbacks if getattr(cb, "__module__", None) 
 METHOD_LORA_ONE = 0
 METHOD_LORA_GA = 1
 METHOD_PISSA = 2
+ALGORITHMS = {None: -1, "subspace": 0, "krylov": 1}  # bridge.Algorithm* codes
 METHOD_PANIC = 99  # tests only: forces a panic inside the Go computation
 
 _KINDS: dict[str, type[LoraOneError]] = {

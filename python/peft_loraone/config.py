@@ -48,8 +48,10 @@ class LoraOneConfig:
             default.
         power_iters (`int`, *optional*): Maximum power (subspace) iterations of the randomized SVD. `None`: the
             engine's default.
-        tol (`float`, *optional*): Stop the power iterations once the relative Frobenius change of the rank-r
-            approximation falls below this. `None`: the engine's default (1e-4).
+        tol (`float`, *optional*): Stop the SVD iterations once the estimated relative Frobenius error of the
+            rank-r approximation falls below this. `None`: the engine's default (1e-4).
+        algorithm (`str`, *optional*): The truncated SVD: `"krylov"` (block Krylov; the default for `None`) or
+            `"subspace"` (randomized subspace iteration).
         seed (`int`): Seed of the randomized SVD's test matrix; equal seeds give equal factors.
         progress (`bool`): Show tqdm progress bars (only on rank 0 under `torch.distributed`).
         loss_fn (`Callable[[output, batch], Tensor]`, *optional*): Computes the scalar loss from the model's
@@ -83,9 +85,13 @@ class LoraOneConfig:
     tol: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Relative Frobenius change of the rank-r approximation below which the power iterations stop. "
-            "None: engine default (1e-4)."
+            "help": "Estimated relative Frobenius error of the rank-r approximation below which the SVD iterations "
+            "stop. None: engine default (1e-4)."
         },
+    )
+    algorithm: Optional[str] = field(
+        default=None,
+        metadata={"help": "Truncated SVD: 'krylov' (block Krylov) or 'subspace'. None: engine default (krylov)."},
     )
     seed: int = field(
         default=0,
@@ -122,6 +128,8 @@ class LoraOneConfig:
                 raise ValueError(f"`{name}` must be None or an integer >= 0, got {value!r}.")
         if self.tol is not None and (not _is_real(self.tol) or not math.isfinite(self.tol) or not 0 < self.tol < 1):
             raise ValueError(f"`tol` must be None or a number in (0, 1), got {self.tol!r}.")
+        if self.algorithm not in (None, "krylov", "subspace"):
+            raise ValueError(f"`algorithm` must be None, 'krylov' or 'subspace', got {self.algorithm!r}.")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"`seed` must be an integer in [0, 2**63), got {self.seed!r}.")
         for name in ("progress", "train_mode"):
@@ -146,7 +154,13 @@ class LoraOneConfig:
 
     def svd_settings(self) -> dict[str, Any]:
         """The engine keyword arguments this config sets (``None`` means the engine's default)."""
-        return {"oversampling": self.oversampling, "power_iters": self.power_iters, "tol": self.tol, "seed": self.seed}
+        return {
+            "oversampling": self.oversampling,
+            "power_iters": self.power_iters,
+            "tol": self.tol,
+            "seed": self.seed,
+            "algorithm": self.algorithm,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable view (``loss_fn`` becomes its qualified name)."""

@@ -153,6 +153,7 @@ class _Call:
         seed: int,
         scaling: float | None,
         name: str,
+        algorithm: str | None = None,
     ) -> None:
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
             raise InvalidArgumentError(f"peft_loraone: rank must be a positive integer, got {rank!r}")
@@ -162,6 +163,10 @@ class _Call:
                 raise InvalidArgumentError(f"peft_loraone: {opt_name} must be a non-negative integer, got {value!r}")
         if tol is not None and not (tol >= 0):
             raise InvalidArgumentError(f"peft_loraone: tol must be a non-negative number, got {tol!r}")
+        if algorithm not in _native.ALGORITHMS:
+            raise InvalidArgumentError(
+                f"peft_loraone: algorithm must be 'krylov', 'subspace' or None (the default, krylov), got {algorithm!r}"
+            )
         self.method = method
         self.scaling = scaling
         self.keep: list[Borrowed] = []
@@ -215,6 +220,7 @@ class _Call:
             -1 if power_iters is None else int(power_iters),
             -1.0 if tol is None else float(tol),
             int(seed),
+            _native.ALGORITHMS[algorithm],
         )
 
     @staticmethod
@@ -305,6 +311,7 @@ def lora_one(
     power_iters: int | None = None,
     tol: float | None = None,
     seed: int = 0,
+    algorithm: str | None = None,
 ) -> Factors:
     r"""LoRA-One factors of the gradient ``grad`` (m x n).
 
@@ -324,8 +331,12 @@ def lora_one(
             float64 for a float64 input).
         oversampling: extra sketch columns (engine default when None).
         power_iters: maximum number of subspace iterations (engine default when None).
-        tol: stop once the accuracy estimate is at most this (engine default when None;
-            0 runs all ``power_iters``).
+        tol: stop once the estimated relative error of the rank-r approximation is at most this
+            (engine default 1e-4 when None; 0 runs all ``power_iters``). The estimate reached is
+            ``Factors.accuracy``.
+        algorithm: the truncated SVD: ``"krylov"`` (block Lanczos bidiagonalization, the default
+            when None) or ``"subspace"`` (randomized subspace iteration; ``oversampling`` applies
+            to it only).
         seed: seed of the Gaussian sketch; results are deterministic for a seed.
 
     Raises:
@@ -338,7 +349,8 @@ def lora_one(
     """
     return _compute(
         _native.METHOD_LORA_ONE, grad, rank, gamma, "grad", None,
-        dict(out_b=out_b, out_a=out_a, dtype=dtype, oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed),
+        dict(out_b=out_b, out_a=out_a, dtype=dtype, oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed,
+             algorithm=algorithm),
     )
 
 
@@ -355,6 +367,7 @@ def lora_ga(
     power_iters: int | None = None,
     tol: float | None = None,
     seed: int = 0,
+    algorithm: str | None = None,
 ) -> Factors:
     r"""LoRA-GA factors, the reference variant (arXiv 2407.05000), for comparison.
 
@@ -369,7 +382,8 @@ def lora_ga(
     """
     return _compute(
         _native.METHOD_LORA_GA, grad, rank, gamma, "grad", scaling,
-        dict(out_b=out_b, out_a=out_a, dtype=dtype, oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed),
+        dict(out_b=out_b, out_a=out_a, dtype=dtype, oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed,
+             algorithm=algorithm),
     )
 
 
@@ -385,6 +399,7 @@ def pissa(
     power_iters: int | None = None,
     tol: float | None = None,
     seed: int = 0,
+    algorithm: str | None = None,
 ) -> Factors:
     r"""PiSSA factors of the weight ``weight`` (m x n), for comparison.
 
@@ -396,7 +411,8 @@ def pissa(
     """
     return _compute(
         _native.METHOD_PISSA, weight, rank, scaling, "weight", scaling,
-        dict(out_b=out_b, out_a=out_a, dtype=dtype, oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed),
+        dict(out_b=out_b, out_a=out_a, dtype=dtype, oversampling=oversampling, power_iters=power_iters, tol=tol, seed=seed,
+             algorithm=algorithm),
     )
 
 
@@ -430,7 +446,7 @@ def submit_pissa(weight: Any, rank: int, *, scaling: float, **kwargs: Any) -> Jo
     return _submit(_native.METHOD_PISSA, weight, rank, scaling, "weight", scaling, _kwargs(kwargs))
 
 
-_KW = ("out_b", "out_a", "dtype", "oversampling", "power_iters", "tol", "seed")
+_KW = ("out_b", "out_a", "dtype", "oversampling", "power_iters", "tol", "seed", "algorithm")
 
 
 def _kwargs(kwargs: dict) -> dict:

@@ -94,7 +94,7 @@ class InitReport:
             "gamma": self.config.get("gamma"),
             "batches": self.batches,
             "samples": self.samples,
-            "svd": {k: self.config.get(k) for k in ("oversampling", "power_iters", "tol", "seed")},
+            "svd": {k: self.config.get(k) for k in ("oversampling", "power_iters", "tol", "seed", "algorithm")},
             "config": self.config,
             "versions": self.versions,
             "modules": [asdict(m) for m in self.modules],
