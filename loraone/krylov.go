@@ -26,7 +26,10 @@ func krylovBlock(r, m, n int) int {
 	return min(max(r, 16), m, n)
 }
 
-var krylovSlow = 2.0
+// krylovSlow weights the nominal flops of an injected (LAPACK) small SVD
+// against a pass's GEMM flops in the rule that decides whether to make an
+// estimate after a Gᵀ-pass.
+const krylovSlow = 2.0
 
 // krylovSVD is RandSVD with Options.Krylov set: block Lanczos
 // bidiagonalization with full re-orthogonalization, block size b = r,
