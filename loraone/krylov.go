@@ -64,7 +64,9 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	capP := min(capQ+b, n)
 	k := &krylov{
 		m: m, n: n, r: r, b: b, capQ: capQ, capP: capP,
-		q: general(m, capQ), p: general(n, capP),
+		// Q and P start with room for two blocks and grow by doubling
+		// (growCols) up to capQ / capP: most calls stop long before the cap.
+		q: general(m, min(2*b, capQ)), p: general(n, min(2*b, capP)),
 		t:  general(capQ, capP),
 		y0: general(m, b), wm: general(m, b),
 		z0: general(n, b), wn: general(n, b),
@@ -194,6 +196,19 @@ type krylov struct {
 	qrw         *workspace // CholeskyQR2 scratch for b-column blocks
 	norm0       []float64
 	norm1       []float64
+}
+
+// growCols returns a with room for at least c columns (doubling, at most
+// limit), copying the stored columns when it has to reallocate.
+func growCols(a blas64.General, c, limit int) blas64.General {
+	if c <= a.Cols {
+		return a
+	}
+	b := general(a.Rows, min(max(c, 2*a.Cols), limit))
+	for i := 0; i < a.Rows; i++ {
+		copy(b.Data[i*b.Stride:i*b.Stride+a.Cols], a.Data[i*a.Stride:i*a.Stride+a.Cols])
+	}
+	return b
 }
 
 // cols returns columns c0:c1 of a as a view.
@@ -360,6 +375,7 @@ func (k *krylov) passG(g Matrix, prod *product, pass int) (bool, error) {
 	w := blas64.General{Rows: k.m, Cols: pw, Stride: pw, Data: k.wm.Data[:k.m*pw]}
 	copy(w.Data, y0.Data)
 	qn := k.orthNew(w, cols(k.q, 0, k.nq), min(pw, room))
+	k.q = growCols(k.q, k.nq+qn.Cols, k.capQ)
 	k.setCols(k.q, k.nq, qn)
 	k.qLast = k.nq
 	k.nq += qn.Cols
@@ -392,6 +408,7 @@ func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, 
 	pn := k.orthNew(w, cols(k.p, 0, k.np), min(qw, room))
 	wp := pn.Cols
 	if !restart {
+		k.p = growCols(k.p, k.np+wp, k.capP)
 		k.setCols(k.p, k.np, pn)
 		k.pLast = k.np
 		k.np += wp
