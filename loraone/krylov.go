@@ -8,7 +8,6 @@ import (
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas64"
 	"gonum.org/v1/gonum/lapack/lapack64"
-	"gonum.org/v1/gonum/mat"
 )
 
 // krylovCap returns the largest basis (columns of Q) the block Krylov
@@ -100,10 +99,11 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	// injected); the G-pass estimates are always made. Skipping them
 	// makes Accuracy the change over two passes (more conservative).
 	slow := 1.0
-	if (opt.Sgemm != nil || opt.Dgemm != nil) && opt.Gesdd == nil {
-		slow = 16
-	} else if opt.Gesdd != nil {
+	switch {
+	case opt.Gesdd != nil:
 		slow = krylovSlow
+	case opt.Sgemm != nil || opt.Dgemm != nil:
+		slow = 16
 	}
 	passFlops := 2 * float64(m) * float64(n) * float64(b)
 	estimated := false // an estimate was made after the last pass
@@ -153,21 +153,11 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		if pass == 1 {
 			continue
 		}
-		c := k.est.change()
-		res.Accuracy, res.Change = errorEstimate(c, res.Change), c
-		if opt.Tol > 0 && res.Accuracy <= opt.Tol {
-			res.Converged = true
+		if res.record(k.est.change(), opt.Tol) {
 			break
 		}
 	}
-	res.Iters = (res.Passes - 1) / 2
-	if k.sCur[0] == 0 {
-		return nil, fmt.Errorf("loraone: sigma1 == 0: %w", ErrZero)
-	}
-	res.U = mat.NewDense(m, r, k.est.u.Data)
-	res.V = mat.NewDense(n, r, k.est.v.Data)
-	res.S = k.sCur
-	return res, nil
+	return res.finish(k.est.u, k.est.v, k.sCur)
 }
 
 // krylov is the state of one block Krylov call.

@@ -239,20 +239,32 @@ func randSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		if pass == 1 {
 			continue
 		}
-		c := w.change()
-		res.Accuracy, res.Change = errorEstimate(c, res.Change), c
-		if opt.Tol > 0 && res.Accuracy <= opt.Tol {
-			res.Converged = true
+		if res.record(w.change(), opt.Tol) {
 			break
 		}
 	}
+	return res.finish(w.u, w.v, w.s[:r:r])
+}
+
+// record takes the change c of the estimate just made: it updates Change
+// and Accuracy (errorEstimate) and reports whether Accuracy is within tol
+// (setting Converged), that is, whether the iteration stops.
+func (res *SVD) record(c, tol float64) bool {
+	res.Accuracy, res.Change = errorEstimate(c, res.Change), c
+	res.Converged = tol > 0 && res.Accuracy <= tol
+	return res.Converged
+}
+
+// finish sets Iters and the factors of the final estimate (u m×r, v n×r,
+// s of length r), or reports ErrZero when σ₁ is 0.
+func (res *SVD) finish(u, v blas64.General, s []float64) (*SVD, error) {
 	res.Iters = (res.Passes - 1) / 2
-	if w.s[0] == 0 {
+	if s[0] == 0 {
 		return nil, fmt.Errorf("loraone: sigma1 == 0: %w", ErrZero)
 	}
-	res.U = mat.NewDense(m, r, w.u.Data)
-	res.V = mat.NewDense(n, r, w.v.Data)
-	res.S = w.s[:r:r]
+	res.U = mat.NewDense(u.Rows, u.Cols, u.Data)
+	res.V = mat.NewDense(v.Rows, v.Cols, v.Data)
+	res.S = s
 	return res, nil
 }
 
