@@ -313,7 +313,7 @@ def svd_stage(mode: Mode, cases: list[tuple[Case, list[int]]], gemm_best: float)
             rows.append(row)
             curves.append({"case": case.name, "r": r, "ours": ladder, "torch": grid,
                            "ref": {"s": t_ref, "err": row["ref_err"]}})
-            log(f"[svd] {case.name} r={r}: ours {t_def:.3f}s err {row['ours_err']:.1e} ({f.passes} passes); "
+            log(f"[svd] {case.name} r={r}: ours {t_def:.3f}s err {row['ours_err']:.1e} ({row['ours_passes']} passes); "
                 f"ref {t_ref:.2f}s err {row['ref_err']:.1e}; cheap {row.get('cheap_s')}")
     return rows, curves
 
