@@ -6,18 +6,27 @@ import (
 	"gonum.org/v1/gonum/blas/blas64"
 	"gonum.org/v1/gonum/lapack"
 	"gonum.org/v1/gonum/lapack/lapack64"
+
+	"github.com/peft-loraone/peft-loraone/loraone/internal/simd"
 )
 
 // kernels holds the matrix multiplies of one call: the injected
 // Options.Sgemm/Dgemm, or gonum's implementation where they are nil.
 type kernels struct {
-	s   Gemm32
-	d   Gemm64
-	svd Gesdd
+	s    Gemm32
+	d    Gemm64
+	svd  Gesdd
+	simd bool // Options.SIMD on a CPU that has the kernels
 }
 
 func newKernels(opt Options) kernels {
-	return kernels{s: opt.Sgemm, d: opt.Dgemm, svd: opt.Gesdd}
+	return kernels{s: opt.Sgemm, d: opt.Dgemm, svd: opt.Gesdd, simd: opt.SIMD && simd.Available()}
+}
+
+// thin reports whether the float32 product with a k-column panel runs on
+// the simd kernels.
+func (kn kernels) thin(k int) bool {
+	return kn.simd && k%simd.Width == 0
 }
 
 // thinSVD factors the m×n matrix a (destroyed) as u·diag(s)·vt with the

@@ -8,6 +8,8 @@ import (
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas64"
 	"gonum.org/v1/gonum/lapack/lapack64"
+
+	"github.com/peft-loraone/peft-loraone/loraone/internal/simd"
 )
 
 // krylovCap returns the largest basis (columns of Q) the block Krylov
@@ -20,9 +22,15 @@ func krylovCap(b int) int {
 
 // krylovBlock is the block size of the Krylov iteration for rank r: r, but
 // at least 16 columns (thin panels run the GEMM far below its peak, and a
-// block of 16 needed fewer passes than 8 at r = 8), and at most min(m, n).
-func krylovBlock(r, m, n int) int {
-	return min(max(r, 16), m, n)
+// block of 16 needed fewer passes than 8 at r = 8), rounded up to a
+// multiple of 16 when the simd kernels run the products (Options.SIMD),
+// and at most min(m, n).
+func krylovBlock(r, m, n int, opt Options) int {
+	b := max(r, 16)
+	if opt.SIMD && simd.Available() {
+		b = (b + simd.Width - 1) / simd.Width * simd.Width // the kernels' panel width
+	}
+	return min(b, m, n)
 }
 
 // krylovSlow weights the nominal flops of an injected (LAPACK) small SVD
@@ -58,7 +66,7 @@ const krylovSlow = 2.0
 // iteration stops with Accuracy 0.
 func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	m, n := g.Rows, g.Cols
-	b := krylovBlock(r, m, n)
+	b := krylovBlock(r, m, n, opt)
 	capQ := min(krylovCap(b), m)
 	capP := min(capQ+b, n)
 	k := &krylov{
@@ -72,11 +80,12 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		kn:   newKernels(opt),
 		rng:  rand.New(rand.NewPCG(opt.Seed, 0x4c6f52412d4f6e65)), // "LoRA-One"
 		coef: make([]float64, capP*b),
+		acc:  make([]float64, capP*b),
 		sCur: make([]float64, r),
 	}
 	k.qrw = &workspace{m: m, n: n, k: b, kn: k.kn, rt: general(b, b)}
 	k.est = &workspace{m: m, n: n, r: r, kn: k.kn,
-		u: general(m, r), v: general(n, r), pu: general(m, r), pv: general(n, r),
+		u: general(m, r), v: general(n, r),
 		cross: general(r, r), cross2: general(r, r), ps: make([]float64, r)}
 	prod := newProduct(g, b, k.kn)
 
@@ -153,10 +162,11 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		if pass == 1 {
 			continue
 		}
-		if res.record(k.est.change(), opt.Tol) {
+		if res.record(k.change(), opt.Tol) {
 			break
 		}
 	}
+	k.factors()
 	return res.finish(k.est.u, k.est.v, k.sCur)
 }
 
@@ -171,6 +181,7 @@ type krylov struct {
 	y0, wm       blas64.General // m×b: G·P_last, orthogonalization scratch
 	z0, wn       blas64.General // n×b
 	coef         []float64      // projection coefficients, up to capP×b
+	acc          []float64      // orthNew's summed projection coefficients, up to capP×b
 	kn           kernels
 	rng          *rand.Rand
 
@@ -184,8 +195,15 @@ type krylov struct {
 	scaleExp    int
 	est         *workspace
 	qrw         *workspace // CholeskyQR2 scratch for b-column blocks
-	norm0       []float64
-	norm1       []float64
+
+	// The current and previous estimates in the bases' coordinates:
+	// U = Q[:, :len/r]·cu, V = P[:, :len/r]·cv (row-major, r columns).
+	// The bases only grow by appended columns between restarts, so older
+	// coordinates padded with zero rows stay valid; a restart rewrites
+	// the current ones (the restarted bases begin with the estimate).
+	cu, cv, pcu, pcv []float64
+	norm0            []float64
+	norm1            []float64
 }
 
 // growCols returns a with room for at least c columns (doubling, at most
@@ -248,9 +266,15 @@ func (k *krylov) coefs(w, basis blas64.General) blas64.General {
 	return c
 }
 
-// project sets w ← w − basis·(basisᵀ·w).
-func (k *krylov) project(w, basis blas64.General) {
+// project sets w ← w − basis·(basisᵀ·w), adding the coefficients
+// basisᵀ·w to acc (basis.Cols × w.Cols) when acc is not nil.
+func (k *krylov) project(w, basis blas64.General, acc []float64) {
 	c := k.coefs(w, basis)
+	for i, x := range c.Data {
+		if acc != nil {
+			acc[i] += x
+		}
+	}
 	k.kn.gemm64(blas.NoTrans, blas.NoTrans, -1, basis, c, 1, w)
 }
 
@@ -268,7 +292,14 @@ func (k *krylov) project(w, basis blas64.General) {
 // ~1e3) is orthonormal and orthogonal to basis to rounding; otherwise the
 // Householder QR and an explicit check of the new columns against basis
 // (the slow but robust path) take over.
-func (k *krylov) orthNew(w, basis blas64.General, wOut int) blas64.General {
+//
+// It also reports whether the factorization w = basis·C + out·R is known,
+// with C (basis.Cols × w.Cols, the summed projection coefficients) in k.acc
+// and R (upper triangular) in k.qrw.rt: true when the first projection
+// round and CholeskyQR2 succeeded on the whole block. The caller then has
+// the new entries of T without another product with the basis.
+func (k *krylov) orthNew(w, basis blas64.General, wOut int) (blas64.General, bool) {
+	whole := wOut == w.Cols // otherwise w is replaced by random columns
 	if wOut < w.Cols {
 		w = blas64.General{Rows: w.Rows, Cols: wOut, Stride: wOut, Data: w.Data[:w.Rows*wOut]}
 		k.randomFill(w, 0, wOut)
@@ -276,24 +307,28 @@ func (k *krylov) orthNew(w, basis blas64.General, wOut int) blas64.General {
 	if basis.Cols == 0 {
 		if !k.cholQR(w) {
 			k.hqr(w)
+			return w, false
 		}
-		return w
+		return w, whole
 	}
+	acc := k.acc[:basis.Cols*w.Cols]
+	clear(acc)
 	for it := 0; ; it++ {
 		before := k.colNorms(w, &k.norm0)
-		k.project(w, basis)
+		k.project(w, basis, acc)
 		after := k.colNorms(w, &k.norm1)
 		for j := range after {
 			if !(after[j] >= before[j]/math.Sqrt2) {
-				k.project(w, basis)
+				k.project(w, basis, acc)
 				break
 			}
 		}
 		if k.cholQR(w) {
-			break
+			return w, whole && it == 0
 		}
+		acc = nil
 		if it > 0 {
-			k.project(w, basis) // the Householder path projects twice
+			k.project(w, basis, nil) // the Householder path projects twice
 		}
 		k.hqr(w)
 		if it == 5 {
@@ -316,7 +351,7 @@ func (k *krylov) orthNew(w, basis blas64.General, wOut int) blas64.General {
 			break
 		}
 	}
-	return w
+	return w, false
 }
 
 // colNorms returns the Euclidean norms of the columns of w in *buf.
@@ -364,14 +399,27 @@ func (k *krylov) passG(g Matrix, prod *product, pass int) (bool, error) {
 	}
 	w := blas64.General{Rows: k.m, Cols: pw, Stride: pw, Data: k.wm.Data[:k.m*pw]}
 	copy(w.Data, y0.Data)
-	qn := k.orthNew(w, cols(k.q, 0, k.nq), min(pw, room))
+	qn, known := k.orthNew(w, cols(k.q, 0, k.nq), min(pw, room))
 	k.q = growCols(k.q, k.nq+qn.Cols, k.capQ)
 	k.setCols(k.q, k.nq, qn)
 	k.qLast = k.nq
 	k.nq += qn.Cols
-	// T[0:nq, pLast:np] = Qᵀ·Y; T[qLast:nq, 0:pLast] = 0.
-	tc := blas64.General{Rows: k.nq, Cols: pw, Stride: k.t.Stride, Data: k.t.Data[k.pLast:]}
-	k.kn.gemm64(blas.Trans, blas.NoTrans, 1, cols(k.q, 0, k.nq), y0, 0, tc)
+	// T[0:nq, pLast:np] = Qᵀ·Y; T[qLast:nq, 0:pLast] = 0. With Y = Q_old·C +
+	// Q_new·R known from orthNew, Qᵀ·Y = [C; R].
+	if known {
+		rt := k.qrw.rt
+		for i := 0; i < k.nq; i++ {
+			row := k.t.Data[i*k.t.Stride+k.pLast : i*k.t.Stride+k.pLast+pw]
+			if i < k.qLast {
+				copy(row, k.acc[i*pw:(i+1)*pw])
+			} else {
+				copy(row, rt.Data[(i-k.qLast)*rt.Stride:(i-k.qLast)*rt.Stride+pw])
+			}
+		}
+	} else {
+		tc := blas64.General{Rows: k.nq, Cols: pw, Stride: k.t.Stride, Data: k.t.Data[k.pLast:]}
+		k.kn.gemm64(blas.Trans, blas.NoTrans, 1, cols(k.q, 0, k.nq), y0, 0, tc)
+	}
 	for i := k.qLast; i < k.nq; i++ {
 		clear(k.t.Data[i*k.t.Stride : i*k.t.Stride+k.pLast])
 	}
@@ -395,19 +443,33 @@ func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, 
 	}
 	w := blas64.General{Rows: k.n, Cols: qw, Stride: qw, Data: k.wn.Data[:k.n*qw]}
 	copy(w.Data, z0.Data)
-	pn := k.orthNew(w, cols(k.p, 0, k.np), min(qw, room))
+	pn, known := k.orthNew(w, cols(k.p, 0, k.np), min(qw, room))
 	wp := pn.Cols
 	if !restart {
 		k.p = growCols(k.p, k.np+wp, k.capP)
 		k.setCols(k.p, k.np, pn)
 		k.pLast = k.np
 		k.np += wp
-		// T[qLast:nq, 0:np] = (Pᵀ·Z)ᵀ; T[0:qLast, pLast:np] = 0.
-		c := k.coefs(z0, cols(k.p, 0, k.np)) // np×qw
-		for i := 0; i < qw; i++ {
-			row := k.t.Data[(k.qLast+i)*k.t.Stride:]
-			for j := 0; j < k.np; j++ {
-				row[j] = c.Data[j*qw+i]
+		// T[qLast:nq, 0:np] = (Pᵀ·Z)ᵀ; T[0:qLast, pLast:np] = 0. With Z =
+		// P_old·C + P_new·R known from orthNew, Pᵀ·Z = [C; R].
+		if known {
+			rt := k.qrw.rt
+			for i := 0; i < qw; i++ {
+				row := k.t.Data[(k.qLast+i)*k.t.Stride:]
+				for j := 0; j < k.pLast; j++ {
+					row[j] = k.acc[j*qw+i]
+				}
+				for j := 0; j < wp; j++ {
+					row[k.pLast+j] = rt.Data[j*rt.Stride+i]
+				}
+			}
+		} else {
+			c := k.coefs(z0, cols(k.p, 0, k.np)) // np×qw
+			for i := 0; i < qw; i++ {
+				row := k.t.Data[(k.qLast+i)*k.t.Stride:]
+				for j := 0; j < k.np; j++ {
+					row[j] = c.Data[j*qw+i]
+				}
 			}
 		}
 		for i := 0; i < k.qLast; i++ {
@@ -450,16 +512,22 @@ func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, 
 	}
 	k.nq, k.np = kk, kk+wp
 	k.qLast, k.pLast = 0, kk
+	// The estimate of that SVD is now U = Q[:, :r], V = P[:, :r].
+	k.cu, k.cv = k.cu[:kk*k.r], k.cv[:kk*k.r]
+	clear(k.cu)
+	clear(k.cv)
+	for i := 0; i < k.r; i++ {
+		k.cu[i*k.r+i], k.cv[i*k.r+i] = 1, 1
+	}
 	return false, nil
 }
 
-// estimate computes the SVD of T and the rank-r estimate, keeping the
-// previous one for change().
+// estimate computes the SVD of T and the coordinates of the rank-r
+// estimate in the bases (Ũ_r, Ṽ_r), keeping the previous ones for
+// change(); factors() forms U and V.
 func (k *krylov) estimate() error {
 	nq, np, r := k.nq, k.np, k.r
 	e := k.est
-	e.u, e.pu = e.pu, e.u
-	e.v, e.pv = e.pv, e.v
 	grow := func(s []float64, n int) []float64 {
 		if len(s) < n {
 			return make([]float64, n)
@@ -486,10 +554,17 @@ func (k *krylov) estimate() error {
 			return fmt.Errorf("loraone: non-finite singular value of the %d×%d projected matrix: %w", nq, np, ErrNonFinite)
 		}
 	}
-	ur := blas64.General{Rows: nq, Cols: r, Stride: nq, Data: k.su}
-	vtr := blas64.General{Rows: r, Cols: np, Stride: np, Data: k.svt}
-	k.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, cols(k.q, 0, nq), ur, 0, e.u)
-	k.kn.gemm64(blas.NoTrans, blas.Trans, 1, cols(k.p, 0, np), vtr, 0, e.v)
+	k.cu, k.pcu = k.pcu, k.cu
+	k.cv, k.pcv = k.pcv, k.cv
+	k.cu, k.cv = grow(k.cu, nq*r), grow(k.cv, np*r)
+	for i := 0; i < nq; i++ {
+		copy(k.cu[i*r:(i+1)*r], k.su[i*nq:i*nq+r])
+	}
+	for j := 0; j < r; j++ {
+		for i := 0; i < np; i++ {
+			k.cv[i*r+j] = k.svt[j*np+i]
+		}
+	}
 	copy(k.sCur, k.sv[:r])
 	// change() squares the singular values: compare them scaled by a
 	// fixed power of two (σ₁ of the first estimate in [0.5, 1)) so that
@@ -513,4 +588,32 @@ func (k *krylov) estimate() error {
 	}
 	e.s = k.sScaled
 	return nil
+}
+
+// change returns the relative Frobenius change between the current and
+// previous estimates (workspace.change), with U_{t−1}ᵀU_t = C̃u_{t−1}ᵀC̃u_t
+// and V_tᵀV_{t−1} = C̃v_tᵀC̃v_{t−1} formed from their coordinates in the
+// orthonormal bases (O((nq+np)·r²) flops instead of O((m+n)·r·(nq+r))).
+func (k *krylov) change() float64 {
+	r, e := k.r, k.est
+	cross := func(a, b []float64, dst blas64.General) {
+		rows := min(len(a), len(b)) / r // missing rows are zeros
+		ga := blas64.General{Rows: rows, Cols: r, Stride: r, Data: a}
+		gb := blas64.General{Rows: rows, Cols: r, Stride: r, Data: b}
+		blas64.Gemm(blas.Trans, blas.NoTrans, 1, ga, gb, 0, dst)
+	}
+	cross(k.pcu, k.cu, e.cross)
+	cross(k.cv, k.pcv, e.cross2)
+	return e.changeOf()
+}
+
+// factors forms the m×r and n×r factors of the current estimate,
+// U = Q·C̃u and V = P·C̃v, in k.est.u and k.est.v.
+func (k *krylov) factors() {
+	r, e := k.r, k.est
+	nq, np := len(k.cu)/r, len(k.cv)/r
+	cu := blas64.General{Rows: nq, Cols: r, Stride: r, Data: k.cu}
+	cv := blas64.General{Rows: np, Cols: r, Stride: r, Data: k.cv}
+	k.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, cols(k.q, 0, nq), cu, 0, e.u)
+	k.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, cols(k.p, 0, np), cv, 0, e.v)
 }

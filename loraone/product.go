@@ -4,6 +4,8 @@ import (
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas32"
 	"gonum.org/v1/gonum/blas/blas64"
+
+	"github.com/peft-loraone/peft-loraone/loraone/internal/simd"
 )
 
 // halfBlockRows is the number of stored rows of a Float16/BFloat16 matrix
@@ -91,8 +93,15 @@ func (p *product) mul(t blas.Transpose, res, x blas64.General) {
 	case Float32:
 		x32 := p.to32(p.x32, x)
 		r32 := blas32.General{Rows: res.Rows, Cols: res.Cols, Stride: res.Cols, Data: p.r32[:res.Rows*res.Cols]}
-		s := blas32.General{Rows: p.sr, Cols: p.sc, Stride: g.Stride, Data: g.F32}
-		p.kn.gemm32(t, blas.NoTrans, 1, s, x32, 0, r32)
+		switch {
+		case !p.kn.thin(x.Cols):
+			s := blas32.General{Rows: p.sr, Cols: p.sc, Stride: g.Stride, Data: g.F32}
+			p.kn.gemm32(t, blas.NoTrans, 1, s, x32, 0, r32)
+		case t == blas.NoTrans:
+			simd.MulNN(p.sr, p.sc, x.Cols, g.F32, g.Stride, x32.Data, x.Cols, r32.Data, x.Cols)
+		default:
+			simd.MulTN(p.sr, p.sc, x.Cols, g.F32, g.Stride, x32.Data, x.Cols, r32.Data, x.Cols)
+		}
 		from32(res, r32)
 		return
 	}
@@ -107,17 +116,34 @@ func (p *product) mul(t blas.Transpose, res, x blas64.General) {
 		for i := 0; i < nb; i++ {
 			src := g.Half[(b0+i)*g.Stride : (b0+i)*g.Stride+p.sc]
 			dst := blk[i*p.sc : (i+1)*p.sc]
+			done := 0 // converted by the simd kernels
 			if g.DType == BFloat16 {
-				for j, h := range src {
-					dst[j] = bfloat16ToFloat32(h)
+				if p.kn.simd {
+					done = simd.BFloat16ToFloat32(dst, src)
+				}
+				for j, h := range src[done:] {
+					dst[done+j] = bfloat16ToFloat32(h)
 				}
 			} else {
-				for j, h := range src {
-					dst[j] = halfToFloat32(h)
+				if p.kn.simd {
+					done = simd.HalfToFloat32(dst, src)
+				}
+				for j, h := range src[done:] {
+					dst[done+j] = halfToFloat32(h)
 				}
 			}
 		}
 		sb := blas32.General{Rows: nb, Cols: p.sc, Stride: p.sc, Data: blk}
+		if p.kn.thin(k) {
+			if t == blas.NoTrans {
+				simd.MulNN(nb, p.sc, k, blk, p.sc, x32.Data, k, r32.Data[b0*k:b1*k], k)
+			} else if b0 == 0 {
+				simd.MulTN(nb, p.sc, k, blk, p.sc, x32.Data[b0*k:b1*k], k, r32.Data, k)
+			} else {
+				simd.MulTNAdd(nb, p.sc, k, blk, p.sc, x32.Data[b0*k:b1*k], k, r32.Data, k)
+			}
+			continue
+		}
 		if t == blas.NoTrans {
 			// Rows b0:b1 of S·x.
 			out := blas32.General{Rows: nb, Cols: k, Stride: k, Data: r32.Data[b0*k : b1*k]}

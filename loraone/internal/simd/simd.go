@@ -1,0 +1,127 @@
+package simd
+
+import "fmt"
+
+// Available reports whether the kernels can run on this machine (AVX-512F
+// on amd64, with the ZMM state enabled by the operating system).
+func Available() bool { return available }
+
+// Width is the panel width the kernels work in: the b of MulNN and MulTN
+// must be a multiple of it.
+const Width = 16
+
+// check panics unless the kernels are available and the row-major
+// operands have the lengths their shapes and strides need.
+func check(op string, b int, lens ...[3]int) {
+	if !available {
+		panic("simd: " + op + ": AVX-512F is not available")
+	}
+	if b%Width != 0 {
+		panic(fmt.Sprintf("simd: %s: panel width %d is not a multiple of %d", op, b, Width))
+	}
+	for _, l := range lens { // {len, rows, cols} with the stride folded into len's need
+		if l[1] > 0 && l[0] < l[2] {
+			panic(fmt.Sprintf("simd: %s: operand too short (%d elements, need %d)", op, l[0], l[2]))
+		}
+	}
+}
+
+// need is the number of elements a row-major rows×cols operand with row
+// stride ld spans.
+func need(rows, cols, ld int) int {
+	if rows == 0 || cols == 0 {
+		return 0
+	}
+	return (rows-1)*ld + cols
+}
+
+// MulNN sets y = a·x for the row-major a (m×n, row stride lda), x (n×b,
+// ldx) and y (m×b, ldy), b a multiple of Width. Each block of eight rows
+// of a is read from memory once and kept in cache while the panels of 16
+// columns pass over it.
+func MulNN(m, n, b int, a []float32, lda int, x []float32, ldx int, y []float32, ldy int) {
+	check("MulNN", b,
+		[3]int{len(a), m, need(m, n, lda)},
+		[3]int{len(x), n, need(n, b, ldx)},
+		[3]int{len(y), m, need(m, b, ldy)})
+	if m == 0 || b == 0 {
+		return
+	}
+	if n == 0 {
+		for i := 0; i < m; i++ {
+			clear(y[i*ldy : i*ldy+b])
+		}
+		return
+	}
+	i := 0
+	for ; i+8 <= m; i += 8 {
+		for j := 0; j < b; j += Width {
+			mul8x16(&a[i*lda], lda, &x[j], ldx, n, &y[i*ldy+j], ldy)
+		}
+	}
+	for ; i < m; i++ {
+		for j := 0; j < b; j += Width {
+			mul1x16(&a[i*lda], &x[j], ldx, n, &y[i*ldy+j])
+		}
+	}
+}
+
+// MulTN sets z = aᵀ·y for the row-major a (m×n, row stride lda), y (m×b,
+// ldy) and z (n×b, ldz), b a multiple of Width: z accumulates the rank-8
+// updates of eight rows of a at a time, each row read from memory once.
+func MulTN(m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
+	mulTN(false, m, n, b, a, lda, y, ldy, z, ldz)
+}
+
+// MulTNAdd is MulTN that adds aᵀ·y to z instead of overwriting it.
+func MulTNAdd(m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
+	mulTN(true, m, n, b, a, lda, y, ldy, z, ldz)
+}
+
+func mulTN(add bool, m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
+	check("MulTN", b,
+		[3]int{len(a), m, need(m, n, lda)},
+		[3]int{len(y), m, need(m, b, ldy)},
+		[3]int{len(z), n, need(n, b, ldz)})
+	if n == 0 || b == 0 {
+		return
+	}
+	if !add {
+		for k := 0; k < n; k++ {
+			clear(z[k*ldz : k*ldz+b])
+		}
+	}
+	i := 0
+	for ; i+8 <= m; i += 8 {
+		for j := 0; j < b; j += Width {
+			mulT8x16(&a[i*lda], lda, &y[i*ldy+j], ldy, n, &z[j], ldz)
+		}
+	}
+	for ; i < m; i++ {
+		for j := 0; j < b; j += Width {
+			mulT1x16(&a[i*lda], &y[i*ldy+j], n, &z[j], ldz)
+		}
+	}
+}
+
+// HalfToFloat32 converts the longest prefix of src whose length is a
+// multiple of Width from IEEE binary16 bits to float32 in dst (exactly;
+// a signaling NaN comes back quiet) and returns its length: the caller
+// converts the remaining len(src)−done values itself.
+func HalfToFloat32(dst []float32, src []uint16) (done int) {
+	return convert(cvtHalf, "HalfToFloat32", dst, src)
+}
+
+// BFloat16ToFloat32 is HalfToFloat32 for bfloat16 bits (a shift, exact).
+func BFloat16ToFloat32(dst []float32, src []uint16) (done int) {
+	return convert(cvtBFloat16, "BFloat16ToFloat32", dst, src)
+}
+
+func convert(kern func(*float32, *uint16, int), op string, dst []float32, src []uint16) int {
+	check(op, 0, [3]int{len(dst), 1, len(src)})
+	n := len(src) / Width * Width
+	if n > 0 {
+		kern(&dst[0], &src[0], n)
+	}
+	return n
+}
