@@ -10,7 +10,9 @@ accuracy, to ``--out`` (default ``bench/_out``, git-ignored)::
 
 What is measured (all float32 inputs, the same thread count for torch and the engine's BLAS):
 
-* GEMM rates: torch.mm (MKL) and numpy.matmul (the OpenBLAS the engine loads), GFLOP/s.
+* GEMM rates: torch.mm (MKL) and numpy.matmul (the OpenBLAS the engine loads), GFLOP/s, and the
+  engine's own AVX-512 thin-panel kernels (their Go benchmarks, 4096x4096 times 16 or 64 columns)
+  where the CPU has them.
 * SVD stage, per (shape, spectrum, rank): the LoRA-One factors B (m x r), A (r x n) whose product
   should be ``[-G]_r / (gamma sigma1)``; accuracy = relative Frobenius error of ``B @ A`` against
   the exact answer (the synthetic matrices are built from a known SVD; the real gradient uses an
@@ -29,13 +31,15 @@ What is measured (all float32 inputs, the same thread count for torch and the en
     ladder whose error is <= 1e-3.
 
   Ratios are torch time / our time (> 1: we are faster). The roofline is the passes our engine
-  made at tol=1e-3 times 2*m*n*b flops (b = max(r, 16), the Krylov block) at the best GEMM rate
-  measured above.
+  made at tol=1e-3 times 2*m*n*b flops (b = max(r, 16), the Krylov block) at the best float32 GEMM
+  rate measured above (the thin-panel kernels included).
 * Boundary costs: time per engine call on an 8x8 matrix; bf16 and f16 input conversion, measured
   as the extra time of a half-precision input over float32 per byte converted.
 * End to end (``--e2e``, default in the full run): ``peft_loraone.initialize`` on a ~134M-parameter
   LlamaConfig model vs a reference-style pure-torch pipeline (hooks moving every gradient to CPU,
   then ``torch.svd_lowrank`` per module at q=512/niter=16 and at a cheap setting); time and peak RSS.
+  Baselines: the 8 forward/backward passes alone, with only the target weights requiring grad
+  (``fwdbwd_targets``, the fair one) and with every parameter requiring grad (``fwdbwd``).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 GAMMA = 128.0
 TARGET = 1e-3
+SIMD = False  # the engine's AVX-512 kernels run the products (set in main from kernel_info)
 TOL_LADDER = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 NITER_LADDER = (0, 1, 2, 3, 4, 6, 8, 12, 16)
 
@@ -245,8 +250,12 @@ def ours(g, r: int, reps: int, tol: float | None = None, algorithm: str | None =
 
 
 def krylov_block(r: int, m: int, n: int) -> int:
-    """The engine's block Krylov width (loraone.krylovBlock): max(r, 16), at most min(m, n)."""
-    return min(max(r, 16), m, n)
+    """The engine's block Krylov width (loraone.krylovBlock): max(r, 16), rounded up to a multiple of 16
+    when the engine's AVX-512 kernels run the products, at most min(m, n)."""
+    b = max(r, 16)
+    if SIMD:
+        b = -(-b // 16) * 16
+    return min(b, m, n)
 
 
 def torch_lowrank(g, q: int, niter: int, reps: int) -> tuple[float, Any]:
@@ -319,6 +328,22 @@ def svd_stage(mode: Mode, cases: list[tuple[Case, list[int]]], gemm_best: float)
 
 
 # ----------------------------------------------------------------------------- GEMM, boundary
+
+
+def kernel_rates() -> dict[str, float]:
+    """GFLOP/s of the engine's AVX-512 thin-panel kernels (G·X and Gᵀ·Y, 4096x4096 float32 times 16 or 64
+    columns), from their Go benchmarks; empty when Go or the kernels are missing."""
+    if not SIMD or shutil_which("go") is None:
+        return {}
+    res = subprocess.run(["go", "test", "-run", "^$", "-bench", "^BenchmarkMul(NN|TN)4096x(16|64)$", "-benchtime", "20x",
+                          "-count", "3", "./loraone/internal/simd"], cwd=ROOT, capture_output=True, text=True)
+    rates: dict[str, float] = {}
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("BenchmarkMul") and "GFLOP/s" in parts:
+            name = parts[0].removeprefix("Benchmark").split("-")[0]
+            rates[name] = max(rates.get(name, 0.0), float(parts[parts.index("GFLOP/s") - 1]))
+    return rates
 
 
 def gemm_rates(n: int) -> dict[str, float]:
@@ -711,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     from peft_loraone import _native
 
+    global SIMD
+    SIMD = _native.kernel_info().startswith("AVX-512")
     blas = _native.use_blas(args.blas, threads=threads)
     if args.e2e_child:
         _e2e_child(args.e2e_child, args.e2e_layers)
@@ -730,7 +757,13 @@ def main(argv: list[str] | None = None) -> int:
     meta["GEMM 2048^3 float32" if mode.gemm_n == 2048 else f"GEMM {mode.gemm_n}^3 float32"] = (
         f"torch/MKL {gemm['torch_mkl_gflops']:.1f} GFLOP/s, numpy/OpenBLAS (the engine's library) "
         f"{gemm['numpy_openblas_gflops']:.1f} GFLOP/s")
-    gemm_best = max(gemm["torch_mkl_gflops"], gemm["numpy_openblas_gflops"])
+    kern = kernel_rates()
+    if kern:
+        meta["engine SIMD kernels"] = _native.kernel_info()
+        meta["thin-panel kernel rates (best of 3, 1 thread)"] = ", ".join(f"{k} {v:.0f}" for k, v in kern.items()) + " GFLOP/s"
+        gemm["simd_kernels_gflops"] = kern
+    gemm_best = max(gemm["torch_mkl_gflops"], gemm["numpy_openblas_gflops"], *kern.values())
+    meta["roofline rate (best measured float32 GEMM)"] = f"{gemm_best:.1f} GFLOP/s"
 
     cases: list[tuple[Case, list[int]]] = []
     seed = 1

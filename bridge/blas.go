@@ -84,3 +84,11 @@ func withBLAS(opt *loraone.Options) {
 		}
 	}
 }
+
+// KernelInfo describes the engine's own SIMD kernels on this machine
+// (loraone.SIMDInfo): with AVX-512 they run the thin float32 products of
+// the SVD instead of the BLAS that BLASInfo reports.
+func KernelInfo() (desc string, err error) {
+	defer recoverError(&err)
+	return loraone.SIMDInfo(), nil
+}

@@ -192,3 +192,18 @@ def test_async_error_comes_back_from_result():
         job.result()
     with pytest.raises(engine.ZeroGradientError):  # asking again re-raises, never hangs
         job.result()
+
+
+def test_kernel_info_matches_the_cpu():
+    """The engine reports its AVX-512 kernels exactly when the CPU flags (Linux /proc/cpuinfo) list avx512f."""
+    from peft_loraone import _native
+
+    info = _native.kernel_info()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    assert info.startswith("AVX-512") == ("avx512f" in flags), info

@@ -218,6 +218,13 @@ def blas_info() -> str:
     return _blas_description
 
 
+def kernel_info() -> str:
+    """Describe the engine's own SIMD kernels (AVX-512 float32 products and f16/bf16 decoding), if any."""
+    if hasattr(_bridge, "KernelInfo"):
+        return call(_bridge.KernelInfo)
+    return "unknown (engine built before KernelInfo)"
+
+
 def _init_blas() -> None:
     choice = os.environ.get("PEFT_LORAONE_BLAS", "").strip()
     if choice.lower() in ("gonum", "0", "off", "none", "false"):
