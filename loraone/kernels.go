@@ -70,3 +70,11 @@ func (kn kernels) gemm64(tA, tB blas.Transpose, alpha float64, a, b blas64.Gener
 	}
 	kn.d(tA, tB, c.Rows, c.Cols, k, alpha, a.Data, a.Stride, b.Data, b.Stride, beta, c.Data, c.Stride)
 }
+
+// SIMDInfo describes what Options.SIMD selects on this machine.
+func SIMDInfo() string {
+	if simd.Available() {
+		return "AVX-512 kernels (loraone/internal/simd) for float32 products with panels of 16k columns and for f16/bf16 decoding"
+	}
+	return "none: this CPU lacks AVX-512F, every product goes to the BLAS"
+}
