@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"runtime"
 	"sync/atomic"
 
 	"github.com/peft-loraone/peft-loraone/fastblas"
@@ -73,15 +74,21 @@ func SetBLASThreads(n int) (desc string, err error) {
 	return lib.String(), nil
 }
 
-// withBLAS injects the active BLAS into opt (nothing when none is loaded).
+// withBLAS injects the active BLAS into opt (nothing when none is loaded)
+// and sets the simd kernels' thread count to match it.
 // newRequest calls it, so a job keeps the kernels it was validated with.
 func withBLAS(opt *loraone.Options) {
+	// The simd kernels stand in for the BLAS on the thin float32 products:
+	// as many goroutines as the BLAS has threads (gonum's kernels use
+	// GOMAXPROCS).
+	opt.Threads = runtime.GOMAXPROCS(0)
 	if lib := activeBLAS.Load(); lib != nil {
 		opt.Sgemm = lib.Sgemm
 		opt.Dgemm = lib.Dgemm
 		if lib.HasDgesdd() {
 			opt.Gesdd = lib.Dgesdd
 		}
+		opt.Threads = lib.Threads()
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -54,6 +55,9 @@ func TestUseBLAS(t *testing.T) {
 	if opt.Sgemm != nil || opt.Dgemm != nil {
 		t.Fatal("withBLAS injected kernels without a library")
 	}
+	if opt.Threads != runtime.GOMAXPROCS(0) {
+		t.Errorf("without a BLAS, simd threads = %d, want GOMAXPROCS %d", opt.Threads, runtime.GOMAXPROCS(0))
+	}
 	if _, err := SetBLASThreads(0); err == nil {
 		t.Error("SetBLASThreads(0) accepted")
 	}
@@ -74,6 +78,9 @@ func TestUseBLAS(t *testing.T) {
 	}
 	if d, err := SetBLASThreads(2); err != nil || !strings.Contains(d, "2 threads") {
 		t.Errorf("SetBLASThreads(2) = %q, %v", d, err)
+	}
+	if withBLAS(&opt); opt.Threads != 2 {
+		t.Errorf("with a 2-thread BLAS, simd threads = %d, want 2", opt.Threads)
 	}
 
 	// The injected kernels give the same factors as gonum's, to float32 rounding.

@@ -13,14 +13,15 @@ import (
 // kernels holds the matrix multiplies of one call: the injected
 // Options.Sgemm/Dgemm, or gonum's implementation where they are nil.
 type kernels struct {
-	s    Gemm32
-	d    Gemm64
-	svd  Gesdd
-	simd bool // Options.SIMD on a CPU that has the kernels
+	s       Gemm32
+	d       Gemm64
+	svd     Gesdd
+	simd    bool // Options.SIMD on a CPU that has the kernels
+	threads int  // Options.Threads, at least 1
 }
 
 func newKernels(opt Options) kernels {
-	return kernels{s: opt.Sgemm, d: opt.Dgemm, svd: opt.Gesdd, simd: opt.SIMD && simd.Available()}
+	return kernels{s: opt.Sgemm, d: opt.Dgemm, svd: opt.Gesdd, simd: opt.SIMD && simd.Available(), threads: max(opt.Threads, 1)}
 }
 
 // thin reports whether the float32 product with a k-column panel runs on

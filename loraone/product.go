@@ -98,9 +98,9 @@ func (p *product) mul(t blas.Transpose, res, x blas64.General) {
 			s := blas32.General{Rows: p.sr, Cols: p.sc, Stride: g.Stride, Data: g.F32}
 			p.kn.gemm32(t, blas.NoTrans, 1, s, x32, 0, r32)
 		case t == blas.NoTrans:
-			simd.MulNN(p.sr, p.sc, x.Cols, g.F32, g.Stride, x32.Data, x.Cols, r32.Data, x.Cols)
+			simd.MulNN(p.kn.threads, p.sr, p.sc, x.Cols, g.F32, g.Stride, x32.Data, x.Cols, r32.Data, x.Cols)
 		default:
-			simd.MulTN(p.sr, p.sc, x.Cols, g.F32, g.Stride, x32.Data, x.Cols, r32.Data, x.Cols)
+			simd.MulTN(p.kn.threads, p.sr, p.sc, x.Cols, g.F32, g.Stride, x32.Data, x.Cols, r32.Data, x.Cols)
 		}
 		from32(res, r32)
 		return
@@ -136,11 +136,11 @@ func (p *product) mul(t blas.Transpose, res, x blas64.General) {
 		sb := blas32.General{Rows: nb, Cols: p.sc, Stride: p.sc, Data: blk}
 		if p.kn.thin(k) {
 			if t == blas.NoTrans {
-				simd.MulNN(nb, p.sc, k, blk, p.sc, x32.Data, k, r32.Data[b0*k:b1*k], k)
+				simd.MulNN(p.kn.threads, nb, p.sc, k, blk, p.sc, x32.Data, k, r32.Data[b0*k:b1*k], k)
 			} else if b0 == 0 {
-				simd.MulTN(nb, p.sc, k, blk, p.sc, x32.Data[b0*k:b1*k], k, r32.Data, k)
+				simd.MulTN(p.kn.threads, nb, p.sc, k, blk, p.sc, x32.Data[b0*k:b1*k], k, r32.Data, k)
 			} else {
-				simd.MulTNAdd(nb, p.sc, k, blk, p.sc, x32.Data[b0*k:b1*k], k, r32.Data, k)
+				simd.MulTNAdd(p.kn.threads, nb, p.sc, k, blk, p.sc, x32.Data[b0*k:b1*k], k, r32.Data, k)
 			}
 			continue
 		}

@@ -62,6 +62,10 @@ type Options struct {
 	// other CPUs it changes nothing. The kernels sum in a different order
 	// than Sgemm, so results differ from SIMD = false in the last bits.
 	SIMD bool
+	// Threads is the number of goroutines the simd kernels split one
+	// product over (<= 1: the calling goroutine alone). Set it like the
+	// BLAS thread count: the kernels replace the BLAS for these products.
+	Threads int
 }
 
 // Gemm32 is an injectable single-precision matrix multiply with the

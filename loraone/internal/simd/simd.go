@@ -1,6 +1,9 @@
 package simd
 
-import "fmt"
+import (
+	"fmt"
+	"sync"
+)
 
 // Available reports whether the kernels can run on this machine (AVX-512F
 // on amd64, with the ZMM state enabled by the operating system).
@@ -35,11 +38,39 @@ func need(rows, cols, ld int) int {
 	return (rows-1)*ld + cols
 }
 
+// minParallel is the number of multiply-adds (m·n·b) below which a
+// product runs on one goroutine whatever the thread count: smaller ones
+// take well under a millisecond.
+const minParallel = 1 << 24
+
+// split runs f on [0, total) cut into at most threads contiguous parts of
+// a multiple of unit, in parallel, when the work (m·n·b multiply-adds)
+// is large enough to pay for the goroutines.
+func split(threads, total, unit int, work float64, f func(lo, hi int)) {
+	parts := min(threads, total/unit)
+	if parts <= 1 || work < minParallel {
+		f(0, total)
+		return
+	}
+	per := (total/parts + unit - 1) / unit * unit
+	var wg sync.WaitGroup
+	for lo := 0; lo < total; lo += per {
+		hi := min(lo+per, total)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f(lo, hi)
+		}()
+	}
+	wg.Wait()
+}
+
 // MulNN sets y = a·x for the row-major a (m×n, row stride lda), x (n×b,
-// ldx) and y (m×b, ldy), b a multiple of Width. Each block of eight rows
-// of a is read from memory once and kept in cache while the panels of 16
-// columns pass over it.
-func MulNN(m, n, b int, a []float32, lda int, x []float32, ldx int, y []float32, ldy int) {
+// ldx) and y (m×b, ldy), b a multiple of Width, on up to threads
+// goroutines (each a share of the rows). Each block of eight rows of a is
+// read from memory once and kept in cache while the panels of 16 columns
+// pass over it.
+func MulNN(threads, m, n, b int, a []float32, lda int, x []float32, ldx int, y []float32, ldy int) {
 	check("MulNN", b,
 		[3]int{len(a), m, need(m, n, lda)},
 		[3]int{len(x), n, need(n, b, ldx)},
@@ -47,6 +78,12 @@ func MulNN(m, n, b int, a []float32, lda int, x []float32, ldx int, y []float32,
 	if m == 0 || b == 0 {
 		return
 	}
+	split(threads, m, 8, float64(m)*float64(n)*float64(b), func(lo, hi int) {
+		mulNN(hi-lo, n, b, a[lo*lda:], lda, x, ldx, y[lo*ldy:], ldy)
+	})
+}
+
+func mulNN(m, n, b int, a []float32, lda int, x []float32, ldx int, y []float32, ldy int) {
 	if n == 0 {
 		for i := 0; i < m; i++ {
 			clear(y[i*ldy : i*ldy+b])
@@ -69,16 +106,18 @@ func MulNN(m, n, b int, a []float32, lda int, x []float32, ldx int, y []float32,
 // MulTN sets z = aᵀ·y for the row-major a (m×n, row stride lda), y (m×b,
 // ldy) and z (n×b, ldz), b a multiple of Width: z accumulates the rank-8
 // updates of eight rows of a at a time, each row read from memory once.
-func MulTN(m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
-	mulTN(false, m, n, b, a, lda, y, ldy, z, ldz)
+// Up to threads goroutines share the work, each a share of the columns of
+// a (rows of z).
+func MulTN(threads, m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
+	mulTNPar(false, threads, m, n, b, a, lda, y, ldy, z, ldz)
 }
 
 // MulTNAdd is MulTN that adds aᵀ·y to z instead of overwriting it.
-func MulTNAdd(m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
-	mulTN(true, m, n, b, a, lda, y, ldy, z, ldz)
+func MulTNAdd(threads, m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
+	mulTNPar(true, threads, m, n, b, a, lda, y, ldy, z, ldz)
 }
 
-func mulTN(add bool, m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
+func mulTNPar(add bool, threads, m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
 	check("MulTN", b,
 		[3]int{len(a), m, need(m, n, lda)},
 		[3]int{len(y), m, need(m, b, ldy)},
@@ -86,6 +125,12 @@ func mulTN(add bool, m, n, b int, a []float32, lda int, y []float32, ldy int, z 
 	if n == 0 || b == 0 {
 		return
 	}
+	split(threads, n, Width, float64(m)*float64(n)*float64(b), func(lo, hi int) {
+		mulTN(add, m, hi-lo, b, a[lo:], lda, y, ldy, z[lo*ldz:], ldz)
+	})
+}
+
+func mulTN(add bool, m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
 	if !add {
 		for k := 0; k < n; k++ {
 			clear(z[k*ldz : k*ldz+b])
