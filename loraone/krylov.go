@@ -88,7 +88,6 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		u: general(m, r), v: general(n, r),
 		cross: general(r, r), cross2: general(r, r), ps: make([]float64, r)}
 	prod := newProduct(g, b, k.kn)
-	k.lowp = k.kn.thin(b) && g.DType != Float64
 
 	// P₁: orthonormal Gaussian start block.
 	w := blas64.General{Rows: n, Cols: b, Stride: b, Data: k.wn.Data}
@@ -203,16 +202,8 @@ type krylov struct {
 	// coordinates padded with zero rows stay valid; a restart rewrites
 	// the current ones (the restarted bases begin with the estimate).
 	cu, cv, pcu, pcv []float64
-
-	// With float32 or half input and the simd kernels (lowp), float32
-	// mirrors of Q and P let the kernels do the cleanup projections of
-	// orthNew and the final factors (see projectLow); w32 and c32 are
-	// their panel and coefficient scratch.
-	lowp     bool
-	q32, p32 mirror
-	w32, c32 []float32
-	norm0    []float64
-	norm1    []float64
+	norm0            []float64
+	norm1            []float64
 }
 
 // growCols returns a with room for at least c columns (doubling, at most
@@ -301,8 +292,6 @@ func (k *krylov) project(w, basis blas64.General, acc []float64) {
 // term), so w is first projected against the last local columns alone:
 // the full projection that follows then removes only rounding and rarely
 // needs the second round (it did on 11 of 13 blocks without the local step).
-// With a float32 mirror of the basis (float32 or half input, simd kernels)
-// that full projection runs on the kernels (projectLow).
 // The block is then factored by CholeskyQR2 when a fast
 // Dgemm is injected. A block CholeskyQR2 accepts (condition number below
 // ~1e3) is orthonormal and orthogonal to basis to rounding; otherwise the
@@ -314,7 +303,7 @@ func (k *krylov) project(w, basis blas64.General, acc []float64) {
 // and R (upper triangular) in k.qrw.rt: true when the first projection
 // round and CholeskyQR2 succeeded on the whole block. The caller then has
 // the new entries of T without another product with the basis.
-func (k *krylov) orthNew(w, basis blas64.General, wOut, local int, mir *mirror) (blas64.General, bool) {
+func (k *krylov) orthNew(w, basis blas64.General, wOut, local int) (blas64.General, bool) {
 	whole := wOut == w.Cols // otherwise w is replaced by random columns
 	if wOut < w.Cols {
 		w = blas64.General{Rows: w.Rows, Cols: wOut, Stride: wOut, Data: w.Data[:w.Rows*wOut]}
@@ -329,27 +318,19 @@ func (k *krylov) orthNew(w, basis blas64.General, wOut, local int, mir *mirror) 
 	}
 	acc := k.acc[:basis.Cols*w.Cols]
 	clear(acc)
-	low := mir != nil && w.Cols%simd.Width == 0
-	if local > 0 && (local < basis.Cols || low) {
-		// The big component first, in float64: against the last local
-		// columns alone (their coefficients are the last rows of acc).
+	if local > 0 && local < basis.Cols {
+		// The big component first: against the last local columns alone
+		// (their coefficients are the last rows of acc).
 		off := basis.Cols - local
 		k.project(w, cols(basis, off, basis.Cols), acc[off*w.Cols:])
 	}
-	full := func() {
-		if low {
-			k.projectLow(w, basis, mir, acc)
-		} else {
-			k.project(w, basis, acc)
-		}
-	}
 	for it := 0; ; it++ {
 		before := k.colNorms(w, &k.norm0)
-		full()
+		k.project(w, basis, acc)
 		after := k.colNorms(w, &k.norm1)
 		for j := range after {
 			if !(after[j] >= before[j]/math.Sqrt2) {
-				full()
+				k.project(w, basis, acc)
 				break
 			}
 		}
@@ -431,7 +412,7 @@ func (k *krylov) passG(g Matrix, prod *product, pass int) (bool, error) {
 	copy(w.Data, y0.Data)
 	// G·P_last lies in span(Q) plus the new block, mostly along the last
 	// Q block (all of Q right after a restart: qLast = 0).
-	qn, known := k.orthNew(w, cols(k.q, 0, k.nq), min(pw, room), k.nq-k.qLast, k.mirrorOf(&k.q32, k.q, k.nq))
+	qn, known := k.orthNew(w, cols(k.q, 0, k.nq), min(pw, room), k.nq-k.qLast)
 	k.q = growCols(k.q, k.nq+qn.Cols, k.capQ)
 	k.setCols(k.q, k.nq, qn)
 	k.qLast = k.nq
@@ -475,7 +456,7 @@ func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, 
 	}
 	w := blas64.General{Rows: k.n, Cols: qw, Stride: qw, Data: k.wn.Data[:k.n*qw]}
 	copy(w.Data, z0.Data)
-	pn, known := k.orthNew(w, cols(k.p, 0, k.np), min(qw, room), k.np-k.pLast, k.mirrorOf(&k.p32, k.p, k.np))
+	pn, known := k.orthNew(w, cols(k.p, 0, k.np), min(qw, room), k.np-k.pLast)
 	wp := pn.Cols
 	if !restart {
 		k.p = growCols(k.p, k.np+wp, k.capP)
@@ -544,7 +525,6 @@ func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, 
 	}
 	k.nq, k.np = kk, kk+wp
 	k.qLast, k.pLast = 0, kk
-	k.q32.cols, k.p32.cols = 0, 0 // the mirrors' columns are stale
 	// The estimate of that SVD is now U = Q[:, :r], V = P[:, :r].
 	k.cu, k.cv = k.cu[:kk*k.r], k.cv[:kk*k.r]
 	clear(k.cu)
@@ -645,110 +625,8 @@ func (k *krylov) change() float64 {
 func (k *krylov) factors() {
 	r, e := k.r, k.est
 	nq, np := len(k.cu)/r, len(k.cv)/r
-	if mq, mp := k.mirrorOf(&k.q32, k.q, nq), k.mirrorOf(&k.p32, k.p, np); mq != nil && mp != nil && r%simd.Width == 0 {
-		// float32 input: factors to float32 accuracy, on the kernels.
-		k.mulLow(e.u, mq, nq, k.cu)
-		k.mulLow(e.v, mp, np, k.cv)
-		return
-	}
 	cu := blas64.General{Rows: nq, Cols: r, Stride: r, Data: k.cu}
 	cv := blas64.General{Rows: np, Cols: r, Stride: r, Data: k.cv}
 	k.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, cols(k.q, 0, nq), cu, 0, e.u)
 	k.kn.gemm64(blas.NoTrans, blas.NoTrans, 1, cols(k.p, 0, np), cv, 0, e.v)
-}
-
-// mirror is a float32 copy of the leading columns of a basis, with the
-// basis's stride; cols columns are up to date.
-type mirror struct {
-	data   []float32
-	stride int
-	cols   int
-}
-
-// lowMinCols is the narrowest basis that gets a float32 mirror: below it
-// the kernels save little and the mirror's memory is better not spent
-// (a short call then allocates nothing more than before).
-const lowMinCols = 64
-
-// mirrorOf returns mir brought up to date with the first cols columns of
-// a, or nil when no mirror is kept (not lowp, or a basis narrower than
-// lowMinCols). The bases only grow by appended columns between restarts
-// (which mark the mirrors stale), so only new columns are converted,
-// unless a was reallocated with a new stride.
-func (k *krylov) mirrorOf(mir *mirror, a blas64.General, cols int) *mirror {
-	if !k.lowp || cols < lowMinCols {
-		return nil
-	}
-	if mir.stride != a.Stride {
-		mir.data = make([]float32, a.Rows*a.Stride)
-		mir.stride, mir.cols = a.Stride, 0
-	}
-	for i := 0; i < a.Rows && mir.cols < cols; i++ {
-		src := a.Data[i*a.Stride+mir.cols : i*a.Stride+cols]
-		dst := mir.data[i*a.Stride+mir.cols : i*a.Stride+cols]
-		for j, x := range src {
-			dst[j] = float32(x)
-		}
-	}
-	mir.cols = max(mir.cols, cols)
-	return mir
-}
-
-// scratch32 returns the first n elements of *buf, grown as needed.
-func scratch32(buf *[]float32, n int) []float32 {
-	if len(*buf) < n {
-		*buf = make([]float32, n)
-	}
-	return (*buf)[:n]
-}
-
-// projectLow is project with the projection formed on the simd kernels
-// from the float32 mirror of basis: c = basis₃₂ᵀ·w₃₂, w ← w − basis₃₂·c,
-// the difference taken in float64. It serves as the cleanup after the
-// float64 projection on the last block (orthNew): what it removes is
-// small, so its float32 rounding (~1e-7 of what it removes) leaves w
-// orthogonal to the basis far below the float32 input's own rounding;
-// when it does remove a large component, DGKS's second round refines it.
-func (k *krylov) projectLow(w, basis blas64.General, mir *mirror, acc []float64) {
-	rows, nb, wc := w.Rows, basis.Cols, w.Cols
-	w32 := scratch32(&k.w32, rows*wc)
-	for i := 0; i < rows; i++ {
-		src := w.Data[i*w.Stride : i*w.Stride+wc]
-		dst := w32[i*wc : (i+1)*wc]
-		for j, x := range src {
-			dst[j] = float32(x)
-		}
-	}
-	c32 := scratch32(&k.c32, nb*wc)
-	simd.MulTN(k.kn.threads, rows, nb, wc, mir.data, mir.stride, w32, wc, c32, wc)
-	simd.MulNN(k.kn.threads, rows, nb, wc, mir.data, mir.stride, c32, wc, w32, wc) // w32 ← basis₃₂·c
-	for i := 0; i < rows; i++ {
-		row := w.Data[i*w.Stride : i*w.Stride+wc]
-		for j, x := range w32[i*wc : (i+1)*wc] {
-			row[j] -= float64(x)
-		}
-	}
-	if acc != nil {
-		for i, x := range c32 {
-			acc[i] += float64(x)
-		}
-	}
-}
-
-// mulLow sets dst (rows×r) = basis[:, :nb]·c (c nb×r, float64) on the
-// simd kernels, from the float32 mirror.
-func (k *krylov) mulLow(dst blas64.General, mir *mirror, nb int, c []float64) {
-	r := dst.Cols
-	c32 := scratch32(&k.c32, nb*r)
-	for i, x := range c[:nb*r] {
-		c32[i] = float32(x)
-	}
-	out := scratch32(&k.w32, dst.Rows*r)
-	simd.MulNN(k.kn.threads, dst.Rows, nb, r, mir.data, mir.stride, c32, r, out, r)
-	for i := 0; i < dst.Rows; i++ {
-		row := dst.Data[i*dst.Stride : i*dst.Stride+r]
-		for j, x := range out[i*r : (i+1)*r] {
-			row[j] = float64(x)
-		}
-	}
 }

@@ -241,11 +241,11 @@ func TestKrylovScale(t *testing.T) {
 }
 
 // TestKrylovRestartFloat32: the restart test with float32 input, where the
-// simd kernels (on a CPU that has them) run the products and the cleanup
-// projections on the float32 mirrors of the bases, which a restart
-// rewrites. The spectrum's gap at r (σ₂/σ₃ = 1.005) amplifies the float32
-// rounding of the input ~200×, hence 1e-4 against the exact [G]_r of the
-// float32 values.
+// simd kernels (on a CPU that has them) run the products on two
+// goroutines, and CholeskyQR2 keeps one round for well-conditioned blocks.
+// The spectrum's gap at r (σ₂/σ₃ = 1.005) amplifies the float32 rounding
+// of the input ~200×, hence 1e-4 against the exact [G]_r of the float32
+// values.
 func TestKrylovRestartFloat32(t *testing.T) {
 	for _, sz := range [][2]int{{400, 300}, {300, 400}} {
 		m, n := sz[0], sz[1]
