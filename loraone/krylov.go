@@ -270,12 +270,31 @@ func (k *krylov) coefs(w, basis blas64.General) blas64.General {
 // basisᵀ·w to acc (basis.Cols × w.Cols) when acc is not nil.
 func (k *krylov) project(w, basis blas64.General, acc []float64) {
 	c := k.coefs(w, basis)
-	for i, x := range c.Data {
-		if acc != nil {
+	if acc != nil {
+		for i, x := range c.Data {
 			acc[i] += x
 		}
 	}
 	k.kn.gemm64(blas.NoTrans, blas.NoTrans, -1, basis, c, 1, w)
+}
+
+// newCoefs returns basisᵀ·y (basis.Cols × y.Cols, in k.coef) for the
+// panel y that orthNew just turned into the last basis.Cols − nOld
+// columns of basis. When orthNew reported the factorization known
+// (y = basis_old·C + basis_new·R), that is [C; R] from k.acc and k.qrw.rt;
+// otherwise it is computed.
+func (k *krylov) newCoefs(y, basis blas64.General, nOld int, known bool) blas64.General {
+	if !known {
+		return k.coefs(y, basis)
+	}
+	w := y.Cols
+	c := blas64.General{Rows: basis.Cols, Cols: w, Stride: w, Data: k.coef[:basis.Cols*w]}
+	copy(c.Data, k.acc[:nOld*w])
+	rt := k.qrw.rt
+	for i := nOld; i < basis.Cols; i++ {
+		copy(c.Data[i*w:(i+1)*w], rt.Data[(i-nOld)*rt.Stride:(i-nOld)*rt.Stride+w])
+	}
+	return c
 }
 
 // orthNew turns the contiguous rows×wIn panel w into an orthonormal block
@@ -417,21 +436,10 @@ func (k *krylov) passG(g Matrix, prod *product, pass int) (bool, error) {
 	k.setCols(k.q, k.nq, qn)
 	k.qLast = k.nq
 	k.nq += qn.Cols
-	// T[0:nq, pLast:np] = Qᵀ·Y; T[qLast:nq, 0:pLast] = 0. With Y = Q_old·C +
-	// Q_new·R known from orthNew, Qᵀ·Y = [C; R].
-	if known {
-		rt := k.qrw.rt
-		for i := 0; i < k.nq; i++ {
-			row := k.t.Data[i*k.t.Stride+k.pLast : i*k.t.Stride+k.pLast+pw]
-			if i < k.qLast {
-				copy(row, k.acc[i*pw:(i+1)*pw])
-			} else {
-				copy(row, rt.Data[(i-k.qLast)*rt.Stride:(i-k.qLast)*rt.Stride+pw])
-			}
-		}
-	} else {
-		tc := blas64.General{Rows: k.nq, Cols: pw, Stride: k.t.Stride, Data: k.t.Data[k.pLast:]}
-		k.kn.gemm64(blas.Trans, blas.NoTrans, 1, cols(k.q, 0, k.nq), y0, 0, tc)
+	// T[0:nq, pLast:np] = Qᵀ·Y; T[qLast:nq, 0:pLast] = 0.
+	c := k.newCoefs(y0, cols(k.q, 0, k.nq), k.qLast, known) // nq×pw
+	for i := 0; i < k.nq; i++ {
+		copy(k.t.Data[i*k.t.Stride+k.pLast:i*k.t.Stride+k.pLast+pw], c.Data[i*pw:(i+1)*pw])
 	}
 	for i := k.qLast; i < k.nq; i++ {
 		clear(k.t.Data[i*k.t.Stride : i*k.t.Stride+k.pLast])
@@ -463,26 +471,12 @@ func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, 
 		k.setCols(k.p, k.np, pn)
 		k.pLast = k.np
 		k.np += wp
-		// T[qLast:nq, 0:np] = (Pᵀ·Z)ᵀ; T[0:qLast, pLast:np] = 0. With Z =
-		// P_old·C + P_new·R known from orthNew, Pᵀ·Z = [C; R].
-		if known {
-			rt := k.qrw.rt
-			for i := 0; i < qw; i++ {
-				row := k.t.Data[(k.qLast+i)*k.t.Stride:]
-				for j := 0; j < k.pLast; j++ {
-					row[j] = k.acc[j*qw+i]
-				}
-				for j := 0; j < wp; j++ {
-					row[k.pLast+j] = rt.Data[j*rt.Stride+i]
-				}
-			}
-		} else {
-			c := k.coefs(z0, cols(k.p, 0, k.np)) // np×qw
-			for i := 0; i < qw; i++ {
-				row := k.t.Data[(k.qLast+i)*k.t.Stride:]
-				for j := 0; j < k.np; j++ {
-					row[j] = c.Data[j*qw+i]
-				}
+		// T[qLast:nq, 0:np] = (Pᵀ·Z)ᵀ; T[0:qLast, pLast:np] = 0.
+		c := k.newCoefs(z0, cols(k.p, 0, k.np), k.pLast, known) // np×qw
+		for i := 0; i < qw; i++ {
+			row := k.t.Data[(k.qLast+i)*k.t.Stride:]
+			for j := 0; j < k.np; j++ {
+				row[j] = c.Data[j*qw+i]
 			}
 		}
 		for i := 0; i < k.qLast; i++ {

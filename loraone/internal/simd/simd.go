@@ -13,18 +13,18 @@ func Available() bool { return available }
 // must be a multiple of it.
 const Width = 16
 
-// check panics unless the kernels are available and the row-major
-// operands have the lengths their shapes and strides need.
-func check(op string, b int, lens ...[3]int) {
+// check panics unless the kernels are available and each operand's
+// length is at least what its shape and stride need ({len, need} pairs).
+func check(op string, b int, lens ...[2]int) {
 	if !available {
 		panic("simd: " + op + ": AVX-512F is not available")
 	}
 	if b%Width != 0 {
 		panic(fmt.Sprintf("simd: %s: panel width %d is not a multiple of %d", op, b, Width))
 	}
-	for _, l := range lens { // {len, rows, cols} with the stride folded into len's need
-		if l[1] > 0 && l[0] < l[2] {
-			panic(fmt.Sprintf("simd: %s: operand too short (%d elements, need %d)", op, l[0], l[2]))
+	for _, l := range lens {
+		if l[0] < l[1] {
+			panic(fmt.Sprintf("simd: %s: operand too short (%d elements, need %d)", op, l[0], l[1]))
 		}
 	}
 }
@@ -72,9 +72,9 @@ func split(threads, total, unit int, work float64, f func(lo, hi int)) {
 // pass over it.
 func MulNN(threads, m, n, b int, a []float32, lda int, x []float32, ldx int, y []float32, ldy int) {
 	check("MulNN", b,
-		[3]int{len(a), m, need(m, n, lda)},
-		[3]int{len(x), n, need(n, b, ldx)},
-		[3]int{len(y), m, need(m, b, ldy)})
+		[2]int{len(a), need(m, n, lda)},
+		[2]int{len(x), need(n, b, ldx)},
+		[2]int{len(y), need(m, b, ldy)})
 	if m == 0 || b == 0 {
 		return
 	}
@@ -119,9 +119,9 @@ func MulTNAdd(threads, m, n, b int, a []float32, lda int, y []float32, ldy int, 
 
 func mulTNPar(add bool, threads, m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
 	check("MulTN", b,
-		[3]int{len(a), m, need(m, n, lda)},
-		[3]int{len(y), m, need(m, b, ldy)},
-		[3]int{len(z), n, need(n, b, ldz)})
+		[2]int{len(a), need(m, n, lda)},
+		[2]int{len(y), need(m, b, ldy)},
+		[2]int{len(z), need(n, b, ldz)})
 	if n == 0 || b == 0 {
 		return
 	}
@@ -163,7 +163,7 @@ func BFloat16ToFloat32(dst []float32, src []uint16) (done int) {
 }
 
 func convert(kern func(*float32, *uint16, int), op string, dst []float32, src []uint16) int {
-	check(op, 0, [3]int{len(dst), 1, len(src)})
+	check(op, 0, [2]int{len(dst), len(src)})
 	n := len(src) / Width * Width
 	if n > 0 {
 		kern(&dst[0], &src[0], n)
