@@ -51,8 +51,9 @@ const krylovSlow = 2.0
 // Gᵀ·Q_old ⊂ span(P_old). After every G-pass (and after a Gᵀ-pass while
 // T is small enough that its SVD costs well under a pass) the rank-r
 // estimate X = (Q·Ũ_r)·diag(S_r)·(P·Ṽ_r)ᵀ comes from the exact SVD
-// (Gesvd) of T, and the stop rule is RandSVD's (relative Frobenius change
-// between consecutive estimates <= Tol).
+// (Gesvd) of T, and the iteration stops when the error extrapolated from
+// the relative Frobenius changes between consecutive estimates
+// (krylovEstimate) is <= Tol.
 //
 // The basis grows by b columns per pass; once Q would exceed
 // krylovCap(b) columns (never when m < krylovCap(b): the basis then
@@ -116,6 +117,7 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	}
 	passFlops := 2 * float64(m) * float64(n) * float64(b)
 	estimated := false // an estimate was made after the last pass
+	cPrev2 := 0.0      // the change recorded before res.Change
 	for pass := 1; pass <= maxPasses; pass++ {
 		est := true
 		if pass%2 == 0 {
@@ -162,12 +164,67 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		if pass == 1 {
 			continue
 		}
-		if res.record(k.change(), opt.Tol) {
+		c := k.change()
+		e := krylovEstimate(c, res.Change, cPrev2, k.ritzGap())
+		cPrev2 = res.Change
+		if res.record(c, e, opt.Tol) {
 			break
 		}
 	}
 	k.factors()
 	return res.finish(k.est.u, k.est.v, k.sCur)
+}
+
+// krylovGapFloor is the Ritz gap θ_{r+1}/θ_r above which krylovEstimate
+// keeps errorEstimate's floor c/2.
+const krylovGapFloor = 0.95
+
+// krylovEstimate is errorEstimate for block Krylov, from the last three
+// changes c, c1, c2 (newest first; 0 when missing) and the Ritz gap
+// θ_{r+1}/θ_r of the estimate just made:
+//
+//	ρ = max(c/c1, √(c/c2)),   e = c·ρ/(1−ρ)   (9·c when ρ >= 0.9)
+//
+// with the floor e >= c/2 only when the gap is above krylovGapFloor.
+//
+// Block Krylov converges superlinearly once the rank-r space is separated
+// from the rest of the spectrum: the change c mostly measures the error of
+// the previous estimate, and the current one is far smaller. The floor c/2
+// then costs a whole pass (4096×11008, spectrum clustered in fours,
+// r = 64: true error 2.2e-4 after 5 passes, where c/2 said 2.0e-3). The
+// two-step rate √(c/c2) guards against the uneven steps seen on flat
+// spectra (a large step after a small one makes c/c1 alone too
+// optimistic), and where the r-th and (r+1)-th values are within 5%
+// convergence is irregular and the floor stays.
+//
+// Measured on traces of 57 matrices (synthetic spectra at 300×400 to
+// 11008×4096, r = 8, 16, 64, and 15 all-MiniLM-L6-v2 gradients), stopping
+// at tol 1e-2 … 1e-5: 5080 passes in all against 5190 with
+// errorEstimate, no stop above 2·tol, and at the stops the estimate at
+// most 1.91× below the true error (errorEstimate: 1.92×); see
+// bench/RESULTS.md.
+func krylovEstimate(c, c1, c2, gap float64) float64 {
+	if c == 0 || c1 <= 0 || c2 <= 0 {
+		return errorEstimate(c, c1)
+	}
+	rho := max(c/c1, math.Sqrt(c/c2))
+	if rho >= 0.9 {
+		return 9 * c
+	}
+	e := c * rho / (1 - rho)
+	if !(gap <= krylovGapFloor) {
+		e = max(e, c/2)
+	}
+	return e
+}
+
+// ritzGap returns θ_{r+1}/θ_r from the last SVD of T (1 when there is no
+// θ_{r+1} or θ_r is 0).
+func (k *krylov) ritzGap() float64 {
+	if len(k.sv) <= k.r || !(k.sv[k.r-1] > 0) {
+		return 1
+	}
+	return k.sv[k.r] / k.sv[k.r-1]
 }
 
 // krylov is the state of one block Krylov call.

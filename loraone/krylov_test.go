@@ -249,3 +249,65 @@ func TestKrylovScale(t *testing.T) {
 		t.Errorf("overflow: err = %v", err)
 	}
 }
+
+// TestKrylovEstimateValues: krylovEstimate on hand-computed cases, among
+// them the pass-5 changes of a 4096×11008 matrix whose spectrum is
+// clustered in fours (r = 64 at a cluster edge, Ritz gap 0.85).
+func TestKrylovEstimateValues(t *testing.T) {
+	for _, c := range []struct {
+		name           string
+		c, c1, c2, gap float64
+		want           float64
+	}{
+		{"first change", 0.9, 0, 0, 0.5, 0.9},
+		{"second change (errorEstimate)", 0.1, 0.5, 0, 0.5, 0.05},
+		{"zero change", 0, 0.1, 0.2, 0.5, 0},
+		{"clear gap, no floor", 3.94e-3, 7.77e-2, 0.146, 0.85,
+			3.94e-3 * math.Sqrt(3.94e-3/0.146) / (1 - math.Sqrt(3.94e-3/0.146))},
+		{"small gap keeps c/2", 3.94e-3, 7.77e-2, 0.146, 0.99, 3.94e-3 / 2},
+		{"one-step rate larger", 0.01, 0.02, 0.5, 0.5, 0.01},
+		{"slow progress", 0.1, 0.105, 0.11, 0.5, 0.9},
+		{"no θ_r (gap 1)", 1e-3, 0.1, 0.2, 1, 5e-4},
+	} {
+		if got := krylovEstimate(c.c, c.c1, c.c2, c.gap); math.Abs(got-c.want) > 1e-12*math.Max(1, c.want) {
+			t.Errorf("%s: krylovEstimate(%g, %g, %g, %g) = %g, want %g", c.name, c.c, c.c1, c.c2, c.gap, got, c.want)
+		}
+	}
+}
+
+// TestKrylovEstimateHolds: on spectra with a clear gap at r (clusters of
+// four, r at a cluster edge; geometric) and with almost none (power law,
+// σ_r/σ_{r+1} ≈ 1.02), the iteration asked for tol stops with a true
+// error (against the exact [G]_r) of at most 2·tol, and its Accuracy
+// understates that error by at most 3×.
+func TestKrylovEstimateHolds(t *testing.T) {
+	const m, n, r = 500, 400, 16
+	clustered := make([]float64, n)
+	power := make([]float64, n)
+	for i := range clustered {
+		clustered[i] = math.Pow(0.85, float64(i/4))
+		power[i] = 1 / math.Sqrt(1+float64(i))
+	}
+	for _, c := range []struct {
+		name string
+		s    []float64
+	}{{"clustered", clustered}, {"geometric", geometric(n, 1, 0.9)}, {"power", power}} {
+		rng := rand.New(rand.NewPCG(41, 3))
+		eu, ev := orthonormal(rng, m, n), orthonormal(rng, n, n)
+		g := lowRank(eu, c.s, ev, n)
+		best := lowRank(eu, c.s, ev, r)
+		for _, tol := range []float64{1e-2, 1e-3, 1e-5} {
+			opt := Options{Rank: r, MaxIters: 60, Tol: tol, Seed: 5, Krylov: true}
+			res, err := RandSVD(view64(g, 0), opt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := relDiff(lowRank(res.U, res.S, res.V, r), best)
+			t.Logf("%-9s tol=%.0e: passes=%2d accuracy=%.2e true=%.2e", c.name, tol, res.Passes, res.Accuracy, e)
+			if !res.Converged || e > 2*tol || e > 3*res.Accuracy {
+				t.Errorf("%s tol=%g: converged=%v after %d passes, accuracy %.3g, true error %.3g",
+					c.name, tol, res.Converged, res.Passes, res.Accuracy, e)
+			}
+		}
+	}
+}

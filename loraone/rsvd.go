@@ -157,11 +157,12 @@ type SVD struct {
 	S    []float64
 	// Accuracy estimates the relative Frobenius error of the rank-r
 	// approximation X = U·diag(S)·Vᵀ against the exact truncated SVD
-	// [G]_r, ‖X − [G]_r‖_F / ‖[G]_r‖_F, by extrapolating the last two
-	// changes (see Change) under geometric convergence:
-	// Accuracy = c·ρ/(1−ρ) with ρ = c/c_prev, or 9·c when ρ >= 0.9. It
-	// is an estimate, not a bound, and it cannot resolve errors much
-	// below 1e-8. Tol applies to it.
+	// [G]_r, ‖X − [G]_r‖_F / ‖[G]_r‖_F, by extrapolating the last
+	// changes (see Change) under geometric convergence: about
+	// c·ρ/(1−ρ) with ρ the recent rate of the changes, or 9·c when
+	// ρ >= 0.9 (errorEstimate, krylovEstimate). It is an estimate, not
+	// a bound, and it cannot resolve errors much below 1e-8. Tol
+	// applies to it.
 	Accuracy float64
 	// Change is the relative Frobenius change of the estimate between
 	// the last two estimates, ‖X_t − X_{t−1}‖_F / ‖X_t‖_F.
@@ -251,18 +252,18 @@ func randSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		if pass == 1 {
 			continue
 		}
-		if res.record(w.change(), opt.Tol) {
+		if c := w.change(); res.record(c, errorEstimate(c, res.Change), opt.Tol) {
 			break
 		}
 	}
 	return res.finish(w.u, w.v, w.s[:r:r])
 }
 
-// record takes the change c of the estimate just made: it updates Change
-// and Accuracy (errorEstimate) and reports whether Accuracy is within tol
-// (setting Converged), that is, whether the iteration stops.
-func (res *SVD) record(c, tol float64) bool {
-	res.Accuracy, res.Change = errorEstimate(c, res.Change), c
+// record takes the change c of the estimate just made and its error
+// estimate e: it updates Change and Accuracy and reports whether Accuracy
+// is within tol (setting Converged), that is, whether the iteration stops.
+func (res *SVD) record(c, e, tol float64) bool {
+	res.Accuracy, res.Change = e, c
 	res.Converged = tol > 0 && res.Accuracy <= tol
 	return res.Converged
 }
