@@ -59,8 +59,24 @@ func (kn kernels) gemm32(tA, tB blas.Transpose, alpha float32, a, b blas32.Gener
 	kn.s(tA, tB, c.Rows, c.Cols, k, alpha, a.Data, a.Stride, b.Data, b.Stride, beta, c.Data, c.Stride)
 }
 
-// gemm64 is blas64.Gemm through the injected Dgemm.
+// gemm64 is blas64.Gemm through the injected Dgemm, or through the simd
+// float64 kernels (twice OpenBLAS's rate on these shapes) for the products
+// of a basis with a thin panel that the Krylov orthogonalization is made
+// of: c = a·b, c −= a·b and c = aᵀ·b, with c of 8k columns.
 func (kn kernels) gemm64(tA, tB blas.Transpose, alpha float64, a, b blas64.General, beta float64, c blas64.General) {
+	if kn.simd && tB == blas.NoTrans && c.Cols%simd.Width64 == 0 {
+		switch {
+		case tA == blas.NoTrans && alpha == 1 && beta == 0:
+			simd.MulNN64(kn.threads, c.Rows, a.Cols, c.Cols, a.Data, a.Stride, b.Data, b.Stride, c.Data, c.Stride)
+			return
+		case tA == blas.NoTrans && alpha == -1 && beta == 1:
+			simd.MulNNSub64(kn.threads, c.Rows, a.Cols, c.Cols, a.Data, a.Stride, b.Data, b.Stride, c.Data, c.Stride)
+			return
+		case tA == blas.Trans && alpha == 1 && beta == 0:
+			simd.MulTN64(kn.threads, a.Rows, a.Cols, c.Cols, a.Data, a.Stride, b.Data, b.Stride, c.Data, c.Stride)
+			return
+		}
+	}
 	k := a.Cols
 	if tA != blas.NoTrans {
 		k = a.Rows
@@ -75,7 +91,7 @@ func (kn kernels) gemm64(tA, tB blas.Transpose, alpha float64, a, b blas64.Gener
 // SIMDInfo describes what Options.SIMD selects on this machine.
 func SIMDInfo() string {
 	if simd.Available() {
-		return "AVX-512 kernels (loraone/internal/simd) for float32 products with panels of 16k columns and for f16/bf16 decoding"
+		return "AVX-512 kernels (loraone/internal/simd) for float32 products with panels of 16k columns, float64 basis projections with panels of 8k columns, and f16/bf16 decoding"
 	}
 	return "none: this CPU lacks AVX-512F, every product goes to the BLAS"
 }

@@ -18,6 +18,18 @@ func mulT8x16(a *float32, lda int, y *float32, ldy int, n int, z *float32, ldz i
 //go:noescape
 func mulT1x16(a *float32, y *float32, n int, z *float32, ldz int)
 
+//go:noescape
+func dmul8x8(a *float64, lda int, x *float64, ldx int, n int, y *float64, ldy int, sub int)
+
+//go:noescape
+func dmul1x8(a *float64, x *float64, ldx int, n int, y *float64, sub int)
+
+//go:noescape
+func dmulT8x8(a *float64, lda int, y *float64, ldy int, n int, z *float64, ldz int)
+
+//go:noescape
+func dmulT1x8(a *float64, y *float64, n int, z *float64, ldz int)
+
 // hasAVX512 reports AVX-512F support by the CPU (CPUID leaf 7) and the
 // operating system (OSXSAVE, and XCR0 enabling the SSE, AVX, opmask and
 // ZMM states).

@@ -15,12 +15,12 @@ const Width = 16
 
 // check panics unless the kernels are available and each operand's
 // length is at least what its shape and stride need ({len, need} pairs).
-func check(op string, b int, lens ...[2]int) {
+func check(op string, width, b int, lens ...[2]int) {
 	if !available {
 		panic("simd: " + op + ": AVX-512F is not available")
 	}
-	if b%Width != 0 {
-		panic(fmt.Sprintf("simd: %s: panel width %d is not a multiple of %d", op, b, Width))
+	if b%width != 0 {
+		panic(fmt.Sprintf("simd: %s: panel width %d is not a multiple of %d", op, b, width))
 	}
 	for _, l := range lens {
 		if l[0] < l[1] {
@@ -71,7 +71,7 @@ func split(threads, total, unit int, work float64, f func(lo, hi int)) {
 // read from memory once and kept in cache while the panels of 16 columns
 // pass over it.
 func MulNN(threads, m, n, b int, a []float32, lda int, x []float32, ldx int, y []float32, ldy int) {
-	check("MulNN", b,
+	check("MulNN", Width, b,
 		[2]int{len(a), need(m, n, lda)},
 		[2]int{len(x), need(n, b, ldx)},
 		[2]int{len(y), need(m, b, ldy)})
@@ -118,7 +118,7 @@ func MulTNAdd(threads, m, n, b int, a []float32, lda int, y []float32, ldy int, 
 }
 
 func mulTNPar(add bool, threads, m, n, b int, a []float32, lda int, y []float32, ldy int, z []float32, ldz int) {
-	check("MulTN", b,
+	check("MulTN", Width, b,
 		[2]int{len(a), need(m, n, lda)},
 		[2]int{len(y), need(m, b, ldy)},
 		[2]int{len(z), need(n, b, ldz)})
@@ -163,7 +163,7 @@ func BFloat16ToFloat32(dst []float32, src []uint16) (done int) {
 }
 
 func convert(kern func(*float32, *uint16, int), op string, dst []float32, src []uint16) int {
-	check(op, 0, [2]int{len(dst), len(src)})
+	check(op, Width, 0, [2]int{len(dst), len(src)})
 	n := len(src) / Width * Width
 	if n > 0 {
 		kern(&dst[0], &src[0], n)
