@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import warnings
 
 import pytest
@@ -360,9 +361,27 @@ def test_module_unused_by_the_loss_is_reported():
     assert not model.base_model.model.lin0.lora_B["default"].weight.any()
 
 
-def test_factors_are_submitted_during_backward(monkeypatch):
-    """lin1's G is final (and handed to the engine) before backward reaches lin0."""
+def _force_overlap(monkeypatch, overlap: bool) -> None:
+    """Make initialize() overlap the engine with backward (as for a model on an accelerator) or not (the
+    CPU default)."""
+    monkeypatch.setattr(sys.modules["peft_loraone.initialize"], "engine_overlaps_backward", lambda device: overlap)
+
+
+def test_cpu_model_runs_the_engine_after_backward():
+    """On the CPU the engine waits for the last backward (it would compete with torch's threads)."""
+    from peft_loraone._capture import engine_overlaps_backward
+
+    assert not engine_overlaps_backward(torch.device("cpu"))
+    assert engine_overlaps_backward(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["accelerator", "cpu"])
+def test_factors_are_submitted_during_backward(monkeypatch, overlap):
+    """With overlap (a model on an accelerator), lin1's G is final (and handed to the engine) before
+    backward reaches lin0; without it (the CPU default), both are handed over after backward."""
     from peft_loraone import engine
+
+    _force_overlap(monkeypatch, overlap)
 
     events = []
     real_submit = engine.submit_lora_one
@@ -382,7 +401,10 @@ def test_factors_are_submitted_during_backward(monkeypatch):
     hook = model.base_model.model.lin0.base_layer.register_forward_hook(on_forward)
     peft_loraone.initialize(model, mlp_batches(2), config=EXACT)
     hook.remove()
-    assert events[-3:] == [("submit", (6, 8)), ("backward reaches lin0", None), ("submit", (8, 10))]
+    if overlap:
+        assert events[-3:] == [("submit", (6, 8)), ("backward reaches lin0", None), ("submit", (8, 10))]
+    else:
+        assert events[-3:] == [("backward reaches lin0", None), ("submit", (8, 10)), ("submit", (6, 8))]
 
 
 def _zero_for_lin0(model, batches):
@@ -421,9 +443,11 @@ def test_train_step_callable_and_report(capsys):
     assert d["modules"][0]["name"] == "lin0"
 
 
-def test_train_step_with_several_backward_passes_per_step():
-    """Gradient accumulation inside train_step: in the last step a weight's G is handed over at its first
-    backward, then grows; it is handed over again and the stale job is dropped."""
+@pytest.mark.parametrize("overlap", [True, False], ids=["accelerator", "cpu"])
+def test_train_step_with_several_backward_passes_per_step(monkeypatch, overlap):
+    """Gradient accumulation inside train_step: with overlap, in the last step a weight's G is handed over
+    at its first backward, then grows; it is handed over again and the stale job is dropped."""
+    _force_overlap(monkeypatch, overlap)
     base = MLP()
     base_copy = copy.deepcopy(base)
     batches = mlp_batches(6)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -27,11 +28,13 @@ import torch
 from torch import nn
 
 from . import _peft_hook
-from ._capture import GradientCapture, Target
+from ._capture import GradientCapture, Target, engine_overlaps_backward
 from ._peft_hook import is_loraone
 from .config import LoraOneConfig
 from .errors import LoraOneWarning
 from .report import InitReport, ModuleReport, SkippedModule
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["get_peft_model", "initialize"]
 
@@ -477,11 +480,13 @@ def initialize(
             stacklevel=2,
         )
 
-    # ---- gradient pass; the engine starts on each module as soon as its G is final ----
+    # ---- gradient pass; on an accelerator the engine starts on each module as soon as its G is final ----
     device = targets[0].weight.device
     samples: Optional[int] = 0 if train_step is None else None
+    overlap = engine_overlaps_backward(device)
+    logger.debug("LoRA-One: engine %s backward", "overlaps" if overlap else "runs after")
     capture = GradientCapture(
-        model, targets, gamma=config.gamma, svd=config.svd_settings(), train_mode=config.train_mode
+        model, targets, gamma=config.gamma, svd=config.svd_settings(), train_mode=config.train_mode, overlap=overlap
     )
     capture_start = time.perf_counter()
     with capture:
