@@ -148,12 +148,15 @@ func newRequest(method int, g uintptr, gv bool, b uintptr, bv bool, a uintptr, a
 	return req, nil
 }
 
-// run computes the factors and fills the outputs.
+// run computes the factors and fills the outputs, on a workspace from
+// the shared free list (scratch).
 func (req *request) run() (float64, error) {
 	var (
 		res loraone.Result
 		err error
 	)
+	req.opt.Workspace = takeWorkspace()
+	defer giveWorkspace(req.opt.Workspace)
 	switch req.method {
 	case MethodLoRAOne:
 		res, err = loraone.LoRAOne(req.b, req.a, req.g, req.scale, req.opt)

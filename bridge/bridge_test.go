@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -306,5 +307,34 @@ func TestSubmitValidationErrorQueuesNothing(t *testing.T) {
 	}
 	if p.Pending() != 0 {
 		t.Fatalf("pending = %d", p.Pending())
+	}
+}
+
+// TestWorkspacesReleased: a computation leaves its workspace on the free
+// list for the next one, the next computation gives the same result, and
+// ReleaseMemory drops what is kept.
+func TestWorkspacesReleased(t *testing.T) {
+	const m, n, r = 40, 30, 4
+	g := lowRank(m, n, 6, 11)
+	ReleaseMemory() // whatever earlier tests left
+	first := newCall(t, m, n, r, g)
+	if _, err := first.compute(MethodLoRAOne, 16); err != nil {
+		t.Fatal(err)
+	}
+	if len(scratch) != 1 {
+		t.Fatalf("%d workspaces kept after one computation, want 1", len(scratch))
+	}
+	second := newCall(t, m, n, r, g)
+	if _, err := second.compute(MethodLoRAOne, 16); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(first.b.float64s(), second.b.float64s()) || !slices.Equal(first.a.float64s(), second.a.float64s()) {
+		t.Errorf("the reused workspace changed the factors")
+	}
+	if n, err := ReleaseMemory(); n != 1 || err != nil {
+		t.Errorf("ReleaseMemory() = %d, %v; want 1, nil", n, err)
+	}
+	if n, _ := ReleaseMemory(); n != 0 {
+		t.Errorf("second ReleaseMemory() = %d, want 0", n)
 	}
 }

@@ -19,8 +19,8 @@ type cholQR struct {
 	iwork     []int     // Dtrcon scratch (k)
 }
 
-func newCholQR(rows, k int) *cholQR {
-	return &cholQR{tmp: make([]float64, rows*k), gram: general(k, k), inv: general(k, k), r1: general(k, k),
+func newCholQR(ws *Workspace, rows, k int) *cholQR {
+	return &cholQR{tmp: ws.float64sDirty(rows * k), gram: general(k, k), inv: general(k, k), r1: general(k, k),
 		work: make([]float64, 3*k), iwork: make([]int, k)}
 }
 
@@ -104,7 +104,7 @@ func (w *workspace) solveR(c *cholQR, k int, src, dst blas64.General) bool {
 func (w *workspace) cholQR2(a blas64.General) bool {
 	k := w.k
 	if w.cq == nil {
-		w.cq = newCholQR(max(w.m, w.n), k)
+		w.cq = newCholQR(w.kn.ws, max(w.m, w.n), k)
 	}
 	c := w.cq
 	q1 := blas64.General{Rows: a.Rows, Cols: k, Stride: k, Data: c.tmp[:a.Rows*k]}

@@ -108,4 +108,7 @@
 // There is no global mutable state; each call allocates its own scratch, so
 // concurrent calls from several goroutines are safe (reading the same input
 // concurrently is fine). Results are deterministic for a given Options.Seed.
+// A run of calls can instead share one Workspace (Options.Workspace), one
+// call at a time: block Krylov then reuses its memory instead of faulting
+// fresh pages in, with bit-identical results.
 package loraone // import "github.com/peft-loraone/peft-loraone/loraone"

@@ -70,18 +70,24 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	b := krylovBlock(r, m, n, opt)
 	capQ := min(krylovCap(b), m)
 	capP := min(capQ+b, n)
+	opt.Workspace.begin()
+	ws := opt.Workspace
 	k := &krylov{
 		m: m, n: n, r: r, b: b, capQ: capQ, capP: capP,
 		// Q and P start with room for two blocks and grow by doubling
 		// (growCols) up to capQ / capP: most calls stop long before the cap.
-		q: general(m, min(2*b, capQ)), p: general(n, min(2*b, capP)),
-		t:  general(capQ, capP),
-		y0: general(m, b), wm: general(m, b),
-		z0: general(n, b), wn: general(n, b),
+		// Only their first nq / np columns are ever read, each written
+		// (setCols, growCols) before.
+		q: ws.generalDirty(m, min(2*b, capQ)), p: ws.generalDirty(n, min(2*b, capP)),
+		t: ws.general(capQ, capP),
+		// y0, wm, z0, wn, coef: each use writes them first (products,
+		// copies, gemm with beta = 0)
+		y0: ws.generalDirty(m, b), wm: ws.generalDirty(m, b),
+		z0: ws.generalDirty(n, b), wn: ws.generalDirty(n, b),
 		kn:   newKernels(opt),
 		rng:  rand.New(rand.NewPCG(opt.Seed, 0x4c6f52412d4f6e65)), // "LoRA-One"
-		coef: make([]float64, capP*b),
-		acc:  make([]float64, capP*b),
+		coef: ws.float64sDirty(capP * b),
+		acc:  ws.float64sDirty(capP * b), // orthNew clears what it uses
 		sCur: make([]float64, r),
 	}
 	k.qrw = &workspace{m: m, n: n, k: b, kn: k.kn, rt: general(b, b)}
@@ -264,12 +270,12 @@ type krylov struct {
 }
 
 // growCols returns a with room for at least c columns (doubling, at most
-// limit), copying the stored columns when it has to reallocate.
-func growCols(a blas64.General, c, limit int) blas64.General {
+// limit), copying the stored columns when it has to reallocate (from ws).
+func growCols(ws *Workspace, a blas64.General, c, limit int) blas64.General {
 	if c <= a.Cols {
 		return a
 	}
-	b := general(a.Rows, min(max(c, 2*a.Cols), limit))
+	b := ws.generalDirty(a.Rows, min(max(c, 2*a.Cols), limit)) // columns past a.Cols: setCols writes them
 	for i := 0; i < a.Rows; i++ {
 		copy(b.Data[i*b.Stride:i*b.Stride+a.Cols], a.Data[i*a.Stride:i*a.Stride+a.Cols])
 	}
@@ -489,7 +495,7 @@ func (k *krylov) passG(g Matrix, prod *product, pass int) (bool, error) {
 	// G·P_last lies in span(Q) plus the new block, mostly along the last
 	// Q block (all of Q right after a restart: qLast = 0).
 	qn, known := k.orthNew(w, cols(k.q, 0, k.nq), min(pw, room), k.nq-k.qLast)
-	k.q = growCols(k.q, k.nq+qn.Cols, k.capQ)
+	k.q = growCols(k.kn.ws, k.q, k.nq+qn.Cols, k.capQ)
 	k.setCols(k.q, k.nq, qn)
 	k.qLast = k.nq
 	k.nq += qn.Cols
@@ -524,7 +530,7 @@ func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, 
 	pn, known := k.orthNew(w, cols(k.p, 0, k.np), min(qw, room), k.np-k.pLast)
 	wp := pn.Cols
 	if !restart {
-		k.p = growCols(k.p, k.np+wp, k.capP)
+		k.p = growCols(k.kn.ws, k.p, k.np+wp, k.capP)
 		k.setCols(k.p, k.np, pn)
 		k.pLast = k.np
 		k.np += wp
@@ -548,7 +554,7 @@ func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, 
 	f := k.coefs(z0, pn) // wp×qw = P_newᵀ·Z
 	fd := append([]float64(nil), f.Data...)
 	if len(k.cmp) < max(k.m, k.n)*kk {
-		k.cmp = make([]float64, max(k.m, k.n)*kk)
+		k.cmp = k.kn.ws.float64sDirty(max(k.m, k.n) * kk) // gemm output
 	}
 	// Q ← Q·Ũ_k
 	tmp := blas64.General{Rows: k.m, Cols: kk, Stride: kk, Data: k.cmp[:k.m*kk]}

@@ -41,8 +41,9 @@ func newProduct(g Matrix, k int, kn kernels) *product {
 	p.sr, p.sc = storedShape(g.Rows, g.Cols, g.Trans)
 	if g.DType != Float64 {
 		n := max(g.Rows, g.Cols) * k
-		p.x32 = make([]float32, n)
-		p.r32 = make([]float32, n)
+		// to32 and the products write them before they are read
+		p.x32 = kn.ws.float32sDirty(n)
+		p.r32 = kn.ws.float32sDirty(n)
 	}
 	if g.DType == Float16 || g.DType == BFloat16 {
 		p.blkRows = halfBlockRows
@@ -50,7 +51,7 @@ func newProduct(g Matrix, k int, kn kernels) *product {
 			p.blkRows = max(halfBlockRows, fastHalfBlockElems/p.sc)
 		}
 		p.blkRows = min(p.blkRows, p.sr)
-		p.blk = make([]float32, p.blkRows*p.sc)
+		p.blk = kn.ws.float32sDirty(p.blkRows * p.sc) // each block is decoded into it first
 	}
 	return p
 }

@@ -66,6 +66,10 @@ type Options struct {
 	// product over (<= 1: the calling goroutine alone). Set it like the
 	// BLAS thread count: the kernels replace the BLAS for these products.
 	Threads int
+	// Workspace, if not nil, is the scratch memory block Krylov calls
+	// reuse instead of allocating their own (see Workspace). nil: each
+	// call allocates.
+	Workspace *Workspace
 }
 
 // Gemm32 is an injectable single-precision matrix multiply with the

@@ -96,3 +96,20 @@ def test_two_threads_at_once_get_correct_results():
         assert len(results[i]) == 20
         for f in results[i]:
             assert torch.equal(f.B, want[i].B) and torch.equal(f.A, want[i].A)
+
+
+def test_release_memory_drops_the_kept_workspaces():
+    """A call leaves its scratch memory (workspace) for the next call; release_memory() drops it, and
+    initialize() does so when it is done."""
+    from peft_loraone.engine import release_memory
+
+    release_memory()
+    g = torch.randn(300, 200)
+    first = lora_one(g, 4)
+    assert release_memory() >= 1
+    assert release_memory() == 0
+    lora_one(g, 4)
+    second = lora_one(g, 4)  # through the workspace the call before left
+    torch.testing.assert_close(second.B, first.B, rtol=0, atol=0)
+    torch.testing.assert_close(second.A, first.A, rtol=0, atol=0)
+    release_memory()

@@ -626,3 +626,14 @@ def test_loraone_start_beats_default_init_after_one_step():
 def test_all_lora_layer_types_found():
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear", init_lora_weights="loraone"))
     assert len([m for m in model.modules() if isinstance(m, LoraLayer)]) == 14
+
+
+def test_initialize_returns_the_engine_scratch_memory():
+    """The engine's jobs leave their workspaces for reuse; initialize() drops them when it is done."""
+    from peft_loraone.engine import release_memory
+
+    model = get_peft_model(
+        MLP(), LoraConfig(r=2, lora_alpha=4, target_modules=["lin0", "lin1"], init_lora_weights="loraone")
+    )
+    peft_loraone.initialize(model, mlp_batches(2), config=EXACT)
+    assert release_memory() == 0

@@ -218,6 +218,16 @@ def blas_info() -> str:
     return _blas_description
 
 
+def release_memory() -> int:
+    """Drop the engine's scratch memory kept for reuse between calls (at most one workspace per core,
+    each as large as the largest matrix's bases and panels: ~85 MB for 4096x11008 at r=64) and return the
+    Go heap's free memory to the operating system. Returns how many workspaces were dropped;
+    :func:`peft_loraone.initialize` calls it when it is done."""
+    if hasattr(_bridge, "ReleaseMemory"):
+        return int(call(_bridge.ReleaseMemory))
+    return 0
+
+
 def kernel_info() -> str:
     """Describe the engine's own SIMD kernels (AVX-512 float32 products and f16/bf16 decoding), if any."""
     if hasattr(_bridge, "KernelInfo"):

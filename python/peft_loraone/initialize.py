@@ -557,6 +557,10 @@ def initialize(
     except BaseException:
         capture.cancel()
         raise
+    finally:
+        from .engine import release_memory
+
+        release_memory()  # every job is done: the engine's reusable scratch memory goes back to the OS
     if not done:
         raise ValueError(
             f"No target weight of adapter {adapter_name!r} received a non-zero gradient, so LoRA-One has nothing "
