@@ -637,3 +637,18 @@ def test_initialize_returns_the_engine_scratch_memory():
     )
     peft_loraone.initialize(model, mlp_batches(2), config=EXACT)
     assert release_memory() == 0
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["accelerator", "cpu"])
+def test_freed_host_memory_is_returned_before_the_engine_runs(monkeypatch, overlap):
+    """When the engine runs after backward (the CPU), the C heap's free pages go back to the OS first, so
+    that the engine's memory does not come on top of the freed activations."""
+    mod = sys.modules["peft_loraone.initialize"]
+    _force_overlap(monkeypatch, overlap)
+    calls = []
+    real = mod.return_freed_host_memory
+    monkeypatch.setattr(mod, "return_freed_host_memory", lambda: calls.append(1) or real())
+    model = get_peft_model(MLP(), LoraConfig(r=2, lora_alpha=4, target_modules=["lin0"], init_lora_weights="loraone"))
+    peft_loraone.initialize(model, mlp_batches(2), config=EXACT)
+    assert len(calls) == (0 if overlap else 1)
+    assert isinstance(real(), bool)
