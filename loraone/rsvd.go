@@ -47,8 +47,8 @@ type Options struct {
 	// iteration by block Lanczos bidiagonalization (block Krylov: block
 	// size b = max(r, 16), full re-orthogonalization, thick restart once
 	// the basis exceeds min(8b, max(256, 4b)) columns). Same contract,
-	// Seed determinism, stop rule and MaxIters cap; Oversampling is not
-	// used. An estimate is made after every pass with G, and after a pass
+	// Seed determinism, Tol and MaxIters cap, with its own error estimate
+	// (krylovEstimate); Oversampling is not used. An estimate is made after every pass with G, and after a pass
 	// with Gᵀ while the small SVD costs well under a pass (always with an
 	// injected Gesdd, at the sizes measured). Once the basis spans all of
 	// Rᵐ or Rⁿ the estimate is exact and the iteration stops with
@@ -58,8 +58,10 @@ type Options struct {
 	// float16 and bfloat16 inputs with panels of a multiple of 16 columns
 	// on the AVX-512 kernels of loraone/internal/simd when the CPU has
 	// them (instead of Sgemm: 2.5× OpenBLAS's rate on 16-column panels
-	// here), and rounds block Krylov's block up to a multiple of 16. On
-	// other CPUs it changes nothing. The kernels sum in a different order
+	// here), and rounds block Krylov's block up to a multiple of 16; the
+	// float64 products of a basis with a panel of 8k columns (the Krylov
+	// projections) run on their float64 kernels (about 1.8× OpenBLAS's
+	// Dgemm there) instead of Dgemm. On other CPUs it changes nothing. The kernels sum in a different order
 	// than Sgemm, so results differ from SIMD = false in the last bits.
 	SIMD bool
 	// Threads is the number of goroutines the simd kernels split one
