@@ -95,7 +95,7 @@ class GradientCapture:
         gamma: float,
         svd: dict[str, Any],
         train_mode: bool,
-        overlap: bool = True,
+        overlap: bool,
     ):
         from . import engine  # the built Go extension; imported only when used
 
