@@ -25,6 +25,10 @@ const (
 	AlgorithmSubspace = 0
 	AlgorithmKrylov   = 1
 
+	// MaxPowerIters is the largest maxIters accepted (loraone.MaxPowerIters);
+	// a larger one is an "invalid-argument:" error naming the limit.
+	MaxPowerIters = loraone.MaxPowerIters
+
 	// methodPanic forces a panic inside the computation; only tests use it, to
 	// show that a panic comes back to Python as an "internal:" error.
 	methodPanic = 99
@@ -57,9 +61,11 @@ type request struct {
 //
 // method is MethodLoRAOne, MethodLoRAGA or MethodPiSSA; scale is gamma for the
 // first two and the LoRA scaling for PiSSA. oversampling, maxIters and tol
-// below zero select the engine's defaults; algorithm is AlgorithmDefault,
-// AlgorithmSubspace or AlgorithmKrylov. The call releases the GIL; the
-// tensors must stay alive until it returns.
+// below zero select the engine's defaults; maxIters above MaxPowerIters is
+// refused; algorithm is AlgorithmDefault, AlgorithmSubspace or
+// AlgorithmKrylov. The call releases the GIL; the tensors must stay alive
+// until it returns. Compute cannot be cancelled: for a call Python waits on
+// interruptibly, use Pool.Run, Pool.Poll and Pool.Cancel.
 func Compute(method int, g uintptr, gVersioned bool, b uintptr, bVersioned bool,
 	a uintptr, aVersioned bool, s uintptr, sVersioned bool, info uintptr, infoVersioned bool,
 	rank int, scale float64, oversampling int, maxIters int, tol float64, seed int64, algorithm int) (acc float64, err error) {
@@ -99,6 +105,10 @@ func newRequest(method int, g uintptr, gv bool, b uintptr, bv bool, a uintptr, a
 	opt := loraone.DefaultOptions(rank)
 	if oversampling >= 0 {
 		opt.Oversampling = oversampling
+	}
+	if maxIters > MaxPowerIters {
+		return nil, kindf(kindInvalid, "power_iters (maxIters) = %d is above the limit MaxPowerIters = %d (at most %d passes over G); use at most %d, or tol > 0 to stop earlier",
+			maxIters, MaxPowerIters, 2+2*MaxPowerIters, MaxPowerIters)
 	}
 	if maxIters >= 0 {
 		opt.MaxIters = maxIters
@@ -273,6 +283,7 @@ const (
 	kindReadOnly = "read-only"
 	kindNonFin   = "non-finite"
 	kindZero     = "zero-gradient"
+	kindCancel   = "cancelled"
 	kindInternal = "internal"
 )
 
@@ -307,6 +318,8 @@ func classify(err error) error {
 		kind = kindNonFin
 	case errors.Is(err, loraone.ErrZero):
 		kind = kindZero
+	case errors.Is(err, loraone.ErrCancelled):
+		kind = kindCancel
 	}
 	return &kindError{kind: kind, err: err}
 }

@@ -12,9 +12,10 @@
 //
 // # Rules for callers
 //
-// Python must keep every capsule alive and unrenamed until the call returns, or,
-// for an asynchronous job, until [Pool.Wait] has returned for it. The bridge
-// keeps no view after that.
+// Python must keep every capsule (and the storage behind it) alive and
+// unrenamed until the call returns, or, for a job of a [Pool], until
+// [Pool.Wait] or [Pool.Poll] has reported it done, also after [Pool.Cancel].
+// The bridge keeps no view after that.
 //
 // # Errors
 //
@@ -25,8 +26,10 @@
 //	unsupported-dtype   an element type the engine does not read or write
 //	unsupported-device  a tensor that is not in CPU memory
 //	read-only           an output tensor marked read-only
-//	non-finite          NaN or Inf in the input
+//	non-finite          NaN or Inf in the input, or factors that would not be
+//	                    finite in the output dtype (gamma or scaling too small)
 //	zero-gradient       an all-zero input (sigma1 = 0)
+//	cancelled           a job stopped by Pool.Cancel (nothing was written)
 //	internal            a recovered Go panic (a bug: please report it)
 //
 // The Python layer maps the kind to an exception class.

@@ -61,6 +61,14 @@ func FuzzParse(f *testing.F) {
 		le(3), le(-1), uint64(1), uint8(0), uint8(1), uint16(8), uint64(0))
 	f.Add(true, uint32(1), uint32(1), uint64(0), int32(1), int32(0), int32(0), uint8(2), uint8(64), uint16(1),
 		[]byte{}, []byte{}, uint64(8), uint8(3), uint8(1), uint16(16), uint64(0))
+	// Every non-CPU device type (and unknown ones) on an otherwise valid
+	// float32 2×3 tensor, both struct versions: only type 1 may be accepted.
+	for _, dev := range []int32{0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, -1, 257} {
+		f.Add(true, uint32(1), uint32(1), uint64(0), dev, int32(0), int32(2), uint8(2), uint8(32), uint16(1),
+			le(2, 3), le(3, 1), uint64(0), uint8(0), uint8(1), uint16(24), uint64(0))
+		f.Add(false, uint32(0), uint32(0), uint64(0), dev, int32(1), int32(2), uint8(2), uint8(32), uint16(1),
+			le(2, 3), le(3, 1), uint64(0), uint8(0), uint8(1), uint16(24), uint64(0))
+	}
 
 	f.Fuzz(func(t *testing.T, versioned bool, major, minor uint32, flags uint64, devType, devID, ndim int32,
 		code, bits uint8, lanes uint16, shapeB, stridesB []byte, byteOffset uint64, ptrs, dataMode uint8,

@@ -177,6 +177,56 @@ func TestParseTable(t *testing.T) {
 	}
 }
 
+// TestParseDevices: only kDLCPU (1) is read. Every other device type is
+// refused with ErrDevice and a message that names it, among them those
+// whose memory a CPU pointer can reach (CUDA host 3, ROCm host 11, CUDA
+// managed 13: the producer's device may still be writing it), the
+// unassigned codes 5 and 6, and types dlpack.h does not have.
+func TestParseDevices(t *testing.T) {
+	for _, c := range []struct {
+		dev  Device
+		name string // in the message
+	}{
+		{Device{2, 0}, "cuda:0"},
+		{Device{3, 0}, "cuda_host:0"},
+		{Device{4, 1}, "opencl:1"},
+		{Device{5, 0}, "device(type=5,id=0)"},
+		{Device{6, 0}, "device(type=6,id=0)"},
+		{Device{7, 0}, "vulkan:0"},
+		{Device{8, 0}, "metal:0"},
+		{Device{9, 0}, "vpi:0"},
+		{Device{10, 1}, "rocm:1"},
+		{Device{11, 0}, "rocm_host:0"},
+		{Device{12, 0}, "ext_dev:0"},
+		{Device{13, 0}, "cuda_managed:0"},
+		{Device{14, 0}, "oneapi:0"},
+		{Device{15, 0}, "webgpu:0"},
+		{Device{16, 0}, "hexagon:0"},
+		{Device{17, 0}, "maia:0"},
+		{Device{18, 0}, "device(type=18,id=0)"},
+		{Device{0, 0}, "device(type=0,id=0)"},
+		{Device{-1, 0}, "device(type=-1,id=0)"},
+		{Device{1 << 30, 0}, "device(type=1073741824,id=0)"},
+		{Device{math.MinInt32, 0}, "device(type=-2147483648,id=0)"},
+		{Device{1 + 1<<8, 0}, "device(type=257,id=0)"}, // CPU in the low byte only
+	} {
+		for _, versioned := range []bool{true, false} {
+			tn, err := parseFixture(t, Fixture{Versioned: versioned, Major: 1, Device: c.dev, NDim: 2, DType: Float32,
+				Shape: []int64{2, 3}, Data: make([]byte, 24)})
+			if !errors.Is(err, ErrDevice) || tn != nil || !strings.Contains(err.Error(), "tensor is on "+c.name+",") ||
+				!strings.Contains(err.Error(), ".cpu()") {
+				t.Errorf("device %v, versioned %v: Parse = %v, %v; want ErrDevice naming %s", c.dev, versioned, tn, err, c.name)
+			}
+		}
+	}
+	for _, id := range []int32{0, 3, -1} {
+		if _, err := parseFixture(t, Fixture{Versioned: true, Major: 1, Device: Device{DeviceCPU, id}, NDim: 1, DType: Float32,
+			Shape: []int64{2}, Data: make([]byte, 8)}); err != nil {
+			t.Errorf("cpu device id %d: %v", id, err)
+		}
+	}
+}
+
 func TestParseAddrZero(t *testing.T) {
 	for _, v := range []bool{false, true} {
 		if _, err := Parse(0, v); !errors.Is(err, ErrNull) {

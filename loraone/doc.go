@@ -94,14 +94,25 @@
 //	ErrDType      unknown dtype, or not exactly one backing slice set
 //	ErrRank       r < 1, r > min(m, n), or 2r > min(m, n) for LoRA-GA
 //	ErrNonFinite  NaN/Inf in the input (the message names a row and
-//	              column), or values so large that a product overflows
+//	              column), values so large that a product overflows, or
+//	              a gamma (scaling) so small that a factor would not be
+//	              finite in the output's dtype
 //	ErrZero       all-zero input (σ₁ = 0): keep the placeholder init
 //	ErrArgument   gamma or scaling not finite and > 0; negative
-//	              Oversampling, MaxIters or Tol
+//	              Oversampling or Tol; MaxIters < 0 or > MaxPowerIters
+//	ErrCancelled  Options.Context was done at a check (see Cancellation)
 //
 // The input is not pre-scanned: it is searched for a NaN or Inf only after
 // a product came out non-finite. Rank-deficient inputs are not errors: the
 // missing singular values come out ~0 and the factors stay finite.
+//
+// # Cancellation
+//
+// Options.Context, when set, is checked before every pass over G and once
+// more before the outputs are written; a done context ends the call with
+// an error wrapping ErrCancelled and the context's cause, and nothing is
+// written. A pass under way is not interrupted. MaxIters is capped at
+// MaxPowerIters, so that even an uncancelled call always ends.
 //
 // # Concurrency
 //

@@ -120,10 +120,15 @@ func TestErrors(t *testing.T) {
 			}
 			return err
 		}(), nil, ""},
-		{"huge MaxIters and Oversampling", func() error {
-			_, err := RandSVD(good, Options{Rank: 2, Oversampling: math.MaxInt, MaxIters: math.MaxInt, Tol: 1e-6})
+		{"huge Oversampling, MaxIters at the limit", func() error {
+			_, err := RandSVD(good, Options{Rank: 2, Oversampling: math.MaxInt, MaxIters: MaxPowerIters, Tol: 1e-6})
 			return err
 		}(), nil, ""},
+		{"MaxIters above the limit", lora(good, withOpt(func(o *Options) { o.MaxIters = MaxPowerIters + 1 })), ErrArgument, "MaxPowerIters = 1000"},
+		{"MaxIters MaxInt", func() error {
+			_, err := RandSVD(good, Options{Rank: 2, MaxIters: math.MaxInt, Krylov: true})
+			return err
+		}(), ErrArgument, "is above the limit MaxPowerIters"},
 		{"tiny float64", func() error {
 			v := view64(g, 0)
 			for i := range v.F64 {

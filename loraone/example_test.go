@@ -1,6 +1,7 @@
 package loraone_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math"
@@ -65,6 +66,24 @@ func ExampleErrZero() {
 	// Output:
 	// true
 	// loraone: all-zero input (2×2): loraone: zero matrix
+}
+
+// A done Options.Context stops a call before its next pass over G (here,
+// before the first), and nothing is written to the outputs.
+func ExampleErrCancelled() {
+	g := loraone.Matrix{Rows: 3, Cols: 2, Stride: 2, DType: loraone.Float64, F64: []float64{-4, 0, 0, -1, 0, 0}}
+	b := loraone.Dense{Rows: 3, Cols: 1, Stride: 1, F64: make([]float64, 3)}
+	a := loraone.Dense{Rows: 1, Cols: 2, Stride: 2, F64: make([]float64, 2)}
+	ctx, cancel := context.WithCancel(context.Background())
+	opt := loraone.DefaultOptions(1)
+	opt.Context = ctx
+	cancel() // as another goroutine would on Ctrl-C
+	_, err := loraone.LoRAOne(b, a, g, 2, opt)
+	fmt.Println(errors.Is(err, loraone.ErrCancelled), errors.Is(err, context.Canceled), b.F64, a.F64)
+	fmt.Println(err)
+	// Output:
+	// true true [0 0 0] [0 0]
+	// loraone: stopped after 0 passes over G: loraone: cancelled (context canceled)
 }
 
 func ExampleDType_String() {

@@ -18,8 +18,11 @@ type Result struct {
 }
 
 // writeFactors sets column j of b to U[:, uOff+j]·fb(j) and row j of a to
-// V[:, j]ᵀ·fa(j), for j < r, then writes both outputs.
-func writeFactors(b, a Dense, s *SVD, r, uOff int, fb, fa func(j int) float64) {
+// V[:, j]ᵀ·fa(j), for j < r, then writes both outputs. Before writing it
+// checks opt.Context (ErrCancelled) and that every entry is finite in its
+// output's dtype (ErrNonFinite, naming the scalar name = x that scales the
+// factors like 1/√x, and the fix); on either error it writes nothing.
+func writeFactors(b, a Dense, s *SVD, r, uOff int, fb, fa func(j int) float64, opt Options, name string, x float64) error {
 	m, n := b.Rows, a.Cols
 	bb := make([]float64, m*r) // Shape: (m, r)
 	ab := make([]float64, r*n) // Shape: (r, n)
@@ -33,8 +36,42 @@ func writeFactors(b, a Dense, s *SVD, r, uOff int, fb, fa func(j int) float64) {
 			ab[j*n+i] = s.V.At(i, j) * f
 		}
 	}
+	if err := opt.cancelled(s.Passes); err != nil {
+		return err
+	}
+	for _, out := range []struct {
+		what string
+		d    Dense
+		v    []float64
+	}{{"B", b, bb}, {"A", a, ab}} {
+		if k, ok := nonFinite(out.v, out.d.F32 != nil); ok {
+			dt, fix := "float64", ""
+			if out.d.F32 != nil {
+				dt, fix = "float32", " or float64 outputs"
+			}
+			cols := out.d.Cols
+			return fmt.Errorf("loraone: %s = %v makes the factors overflow: %s[%d, %d] = %v is not finite in %s (the factors scale like 1/√%s; σ₁ = %v); use a larger %s%s: %w",
+				name, x, out.what, k/cols, k%cols, out.v[k], dt, name, s.S[0], name, fix, ErrNonFinite)
+		}
+	}
 	b.set(bb)
 	a.set(ab)
+	return nil
+}
+
+// nonFinite returns the index of the first element of v that is NaN or
+// ±Inf, or that rounds to ±Inf in float32 when f32 is set.
+func nonFinite(v []float64, f32 bool) (int, bool) {
+	for k, x := range v {
+		y := x
+		if f32 {
+			y = float64(float32(x))
+		}
+		if math.IsNaN(y) || math.IsInf(y, 0) {
+			return k, true
+		}
+	}
+	return 0, false
 }
 
 func result(s *SVD) Result {
@@ -91,7 +128,10 @@ func decompose(b, a Dense, g Matrix, name string, x float64, opt Options, rankMu
 // and the sign goes to A (−G = U·S·(−V)ᵀ).
 //
 // gamma must be finite and > 0 (ErrArgument). A zero gradient (σ₁ = 0)
-// returns ErrZero: leave that module at its placeholder init (B = 0).
+// returns ErrZero: leave that module at its placeholder init (B = 0). A
+// gamma so small that a factor entry would not be finite in the output's
+// dtype (|entry| <= 1/√γ; float32 overflows above ~3.4e38, so γ below
+// ~1e-77) returns ErrNonFinite. A done opt.Context returns ErrCancelled.
 // On any error b and a are untouched. They are written only at the end,
 // after g was last read, and must not overlap each other.
 //
@@ -104,7 +144,10 @@ func LoRAOne(b, a Dense, g Matrix, gamma float64, opt Options) (Result, error) {
 	}
 	c := 1 / (math.Sqrt(gamma) * math.Sqrt(s.S[0])) // no overflow in gamma·sigma1
 	f := func(j int) float64 { return math.Sqrt(s.S[j]) * c }
-	writeFactors(b, a, s, opt.Rank, 0, f, func(j int) float64 { return -f(j) }) // A carries the sign of −G
+	neg := func(j int) float64 { return -f(j) } // A carries the sign of −G
+	if err := writeFactors(b, a, s, opt.Rank, 0, f, neg, opt, "gamma", gamma); err != nil {
+		return Result{}, err
+	}
 	return result(s), nil
 }
 
@@ -130,7 +173,10 @@ func LoRAGA(b, a Dense, g Matrix, gamma float64, opt Options) (Result, error) {
 	r := opt.Rank
 	f := math.Pow(float64(g.Rows), 0.25) / math.Sqrt(gamma)
 	constant := func(int) float64 { return f }
-	writeFactors(b, a, s, r, r, constant, constant) // B from U[:, r:2r], A from V[:, 0:r]
+	// B from U[:, r:2r], A from V[:, 0:r]
+	if err := writeFactors(b, a, s, r, r, constant, constant, opt, "gamma", gamma); err != nil {
+		return Result{}, err
+	}
 	return result(s), nil
 }
 
@@ -143,14 +189,17 @@ func LoRAGA(b, a Dense, g Matrix, gamma float64, opt Options) (Result, error) {
 //	s·B·A = [W]_r
 //
 // The caller offsets the weight, W0 ← W0 − s·B·A. scaling must be finite
-// and > 0 (ErrArgument); a zero weight returns ErrZero. Errors and write
-// rules as LoRAOne.
+// and > 0 (ErrArgument); a zero weight returns ErrZero; a scaling so small
+// that a factor entry would not be finite in the output's dtype returns
+// ErrNonFinite. Errors and write rules as LoRAOne.
 func PiSSA(b, a Dense, w Matrix, scaling float64, opt Options) (Result, error) {
 	s, err := decompose(b, a, w, "scaling", scaling, opt, 1)
 	if err != nil {
 		return Result{}, err
 	}
 	f := func(j int) float64 { return math.Sqrt(s.S[j] / scaling) }
-	writeFactors(b, a, s, opt.Rank, 0, f, f)
+	if err := writeFactors(b, a, s, opt.Rank, 0, f, f, opt, "scaling", scaling); err != nil {
+		return Result{}, err
+	}
 	return result(s), nil
 }

@@ -105,7 +105,7 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	k.setCols(k.p, 0, w)
 	k.np, k.pLast = b, 0
 
-	maxPasses := 2 + 2*min(opt.MaxIters, 1<<30)
+	maxPasses := 2 + 2*min(opt.MaxIters, MaxPowerIters)
 	res := &SVD{}
 	restart := false
 	// The SVD of T costs about 20·nq·np·min(nq, np) flops of gonum's
@@ -125,6 +125,9 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	estimated := false // an estimate was made after the last pass
 	cPrev2 := 0.0      // the change recorded before res.Change
 	for pass := 1; pass <= maxPasses; pass++ {
+		if err := opt.cancelled(pass - 1); err != nil {
+			return nil, err
+		}
 		est := true
 		if pass%2 == 0 {
 			nq, np := float64(k.nq), float64(min(k.np+b, n))

@@ -1,6 +1,7 @@
 package loraone
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -19,9 +20,9 @@ type Options struct {
 	// size is k = min(r+p, min(m, n)). Convergence of the top r triplets
 	// goes like (σ_{k+1}/σ_r)^(passes), so p buys a faster rate.
 	Oversampling int
-	// MaxIters >= 0 caps the power (subspace) iterations. RandSVD makes at
-	// most 2 + 2·MaxIters passes over G (MaxIters = 0 is the plain
-	// two-pass range finder).
+	// MaxIters caps the power (subspace) iterations, 0 <= MaxIters <=
+	// MaxPowerIters. RandSVD makes at most 2 + 2·MaxIters passes over G
+	// (MaxIters = 0 is the plain two-pass range finder).
 	MaxIters int
 	// Tol >= 0 stops the iteration early once the accuracy estimate (see
 	// SVD.Accuracy) is <= Tol. Tol == 0 always runs MaxIters iterations.
@@ -72,7 +73,28 @@ type Options struct {
 	// reuse instead of allocating their own (see Workspace). nil: each
 	// call allocates.
 	Workspace *Workspace
+	// Context, if not nil, cancels the computation. It is checked before
+	// every pass over G (both algorithms) and, in LoRAOne, LoRAGA and
+	// PiSSA, once more before the outputs are written. A call that finds
+	// it done returns an error wrapping ErrCancelled and
+	// context.Cause(Context), and writes nothing. A pass under way is not
+	// interrupted: cancellation takes effect within one product of G or
+	// Gᵀ with a block. nil means never cancelled. (An options field rather
+	// than a parameter, so that the signatures stay those of a plain
+	// computation; the checks poll its Err method, which costs nothing
+	// next to a pass.)
+	Context context.Context
 }
+
+// MaxPowerIters is the largest Options.MaxIters accepted: 1000 power
+// iterations, at most 2002 passes over G. That is 33× the default cap (30)
+// and 60× the reference LoRA-One code's fixed niter = 16. The cap exists so
+// that no value makes an endless call: with Tol = 0 every iteration runs.
+// More would not buy anything the stop rule can see: even at a rate
+// σ_{k+1}/σ_r = 0.99 per pass (a nearly flat spectrum, where a wider block
+// or block Krylov is the remedy), 2000 passes shrink the error by
+// 0.99^2000 ≈ 2e-9, below the ~1e-8 that Accuracy resolves.
+const MaxPowerIters = 1000
 
 // Gemm32 is an injectable single-precision matrix multiply with the
 // contract of gonum's blas.Float32Level3.Sgemm (row-major):
@@ -146,10 +168,25 @@ func (opt Options) check(m, n, r int, what string) error {
 	if opt.MaxIters < 0 {
 		return fmt.Errorf("loraone: negative MaxIters %d: %w", opt.MaxIters, ErrArgument)
 	}
+	if opt.MaxIters > MaxPowerIters {
+		return fmt.Errorf("loraone: MaxIters %d is above the limit MaxPowerIters = %d (at most %d passes over G); use at most %d, or a Tol > 0 to stop earlier: %w",
+			opt.MaxIters, MaxPowerIters, 2+2*MaxPowerIters, MaxPowerIters, ErrArgument)
+	}
 	if opt.Tol < 0 || math.IsNaN(opt.Tol) {
 		return fmt.Errorf("loraone: Tol %v must be >= 0: %w", opt.Tol, ErrArgument)
 	}
 	return nil
+}
+
+// cancelled returns an error wrapping ErrCancelled (and the context's
+// cause) when opt.Context is done, after passes passes over G; nil
+// otherwise.
+func (opt Options) cancelled(passes int) error {
+	ctx := opt.Context
+	if ctx == nil || ctx.Err() == nil {
+		return nil
+	}
+	return fmt.Errorf("loraone: stopped after %d passes over G: %w (%w)", passes, ErrCancelled, context.Cause(ctx))
 }
 
 // SVD is a truncated singular value decomposition
@@ -206,9 +243,10 @@ type SVD struct {
 // Errors: an invalid view (ErrShape, ErrDType), a bad rank (ErrRank) or
 // option (ErrArgument); a NaN or Inf in g (ErrNonFinite, naming its row and
 // column; g is scanned only after a product came out non-finite); an
-// all-zero g (ErrZero). Rank-deficient g is fine: the extra singular values
-// are ~0 and the vectors stay orthonormal. RandSVD is safe for concurrent
-// use; each call allocates its own scratch.
+// all-zero g (ErrZero); opt.Context done before a pass (ErrCancelled).
+// Rank-deficient g is fine: the extra singular values are ~0 and the
+// vectors stay orthonormal. RandSVD is safe for concurrent use; each call
+// allocates its own scratch.
 func RandSVD(g Matrix, opt Options) (*SVD, error) {
 	if err := g.Validate(); err != nil {
 		return nil, err
@@ -237,9 +275,12 @@ func randSVD(g Matrix, r int, opt Options) (*SVD, error) {
 	}
 	w.qr(w.z)
 
-	maxPasses := 2 + 2*min(opt.MaxIters, 1<<30)
+	maxPasses := 2 + 2*min(opt.MaxIters, MaxPowerIters)
 	res := &SVD{}
 	for pass := 1; pass <= maxPasses; pass++ {
+		if err := opt.cancelled(pass - 1); err != nil {
+			return nil, err
+		}
 		if pass%2 == 1 {
 			prod.mulG(w.y, w.z) // Y = G·Q_z
 			if err := checkPanel(g, w.y, pass); err != nil {
