@@ -5,7 +5,8 @@
 //
 // Python hands the bridge the addresses of DLPack managed tensors (the gradient
 // or weight to factor, and the output tensors it allocated) together with plain
-// option values. The bridge validates them through package dlpack, builds
+// option values: [Compute] and [Pool] for a dense matrix, [SketchLoRAOne] and
+// [Orthonormalize] for the sketches of a matrix that was never formed. The bridge validates them through package dlpack, builds
 // loraone views over the foreign memory, calls package loraone and writes the
 // results into the output tensors. Nothing is copied across the boundary and Go
 // never hands Go memory to Python.

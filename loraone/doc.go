@@ -32,6 +32,19 @@
 // 2 + 2·MaxIters passes). The answer comes from the last pass. See
 // DefaultOptions for the defaults and why.
 //
+// # Sketches
+//
+// LoRAOneSketch computes the same factors from randomized sketches of G
+// that the caller accumulated without ever forming G (the plugin's
+// capture="sketch": G = Σ_b δ_bᵀx_b, so G·Ω and Ψ·G add up batch by
+// batch). Single pass (Tropp, Yurtsever, Udell, Cevher 2017): from
+// Y = G·Ω (m×k) and W = Ψ·G (l×n), Q = orth(Y), X = (Ψ·Q)⁺·W, Ĝ = Q·X.
+// Two pass: Y is already Q (Orthonormalize) and W = Qᵀ·G from a replay.
+// The top-r SVD of the small X gives the factors by the LoRA-One formulas
+// below, and a few test vectors Z = G·Ω_t give SketchResult.Accuracy, an
+// estimate of the relative error of the init against the exact one (see
+// LoRAOneSketch for the formula and how honest it measured).
+//
 // # Formulas
 //
 // With U, S, V the top singular triplets and σ₁ = S[0]:
