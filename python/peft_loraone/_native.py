@@ -1,18 +1,31 @@
 """The only module that imports the gopy-built extension.
 
-It maps the engine's error kinds (the ``kind:`` prefix of every message the Go
+The extension (and so the Go runtime) is loaded on first use, not at ``import peft_loraone``:
+a process that forks after only importing the package gives its children a clean slate, and
+DataLoader workers never start a Go runtime. After the extension is loaded, a forked child
+cannot use it (the Go runtime's threads do not survive ``fork()``): every entry point then
+raises :class:`~peft_loraone.errors.ForkedProcessError` at once instead of hanging.
+
+This module maps the engine's error kinds (the ``kind:`` prefix of every message the Go
 bridge returns) to exception classes, and owns the process-wide job pool.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
+import signal
+import sys
 import threading
+import weakref
 from typing import Any, Callable, NoReturn
 
 from .errors import (
+    CancelledError,
     EngineInternalError,
+    EngineLoadError,
+    ForkedProcessError,
     InvalidArgumentError,
     LoraOneError,
     NonFiniteError,
@@ -22,26 +35,15 @@ from .errors import (
     ZeroGradientError,
 )
 
-try:
-    from ._engine import bridge as _bridge
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "peft_loraone: the Go engine extension (peft_loraone._engine) is not built or was built for another "
-        f"Python ({exc}). Reinstall with this interpreter: `{os.path.basename(os.sys.executable)} -m pip install .` "
-        "(needs Go >= 1.26 and gcc; see 'Common issues' in README.md)."
-    ) from exc
-
-# gopy's wrapper registers a gc callback that runs a full Go GC after every Python
-# collection (about 3.8 ms each, measured in bench/). The engine hands Python no Go
-# objects but the one Pool, so drop it: it would tax every allocation-heavy loop.
-_GOPY_MODULES = (_bridge.__name__, _bridge.__name__.rpartition(".")[0] + ".go")
-gc.callbacks[:] = [cb for cb in gc.callbacks if getattr(cb, "__module__", None) not in _GOPY_MODULES]
-
 METHOD_LORA_ONE = 0
 METHOD_LORA_GA = 1
 METHOD_PISSA = 2
 ALGORITHMS = {None: -1, "subspace": 0, "krylov": 1}  # bridge.Algorithm* codes
 METHOD_PANIC = 99  # tests only: forces a panic inside the Go computation
+
+# The largest power_iters the engine accepts: mirrors loraone.MaxPowerIters (loraone/rsvd.go;
+# tests/test_engine_boundary.py checks the two agree). At most 2 + 2*MAX_POWER_ITERS passes over G.
+MAX_POWER_ITERS = 1000
 
 _KINDS: dict[str, type[LoraOneError]] = {
     "invalid-argument": InvalidArgumentError,
@@ -50,6 +52,7 @@ _KINDS: dict[str, type[LoraOneError]] = {
     "read-only": ReadOnlyOutputError,
     "non-finite": NonFiniteError,
     "zero-gradient": ZeroGradientError,
+    "cancelled": CancelledError,
     "internal": EngineInternalError,
 }
 
@@ -64,8 +67,113 @@ def raise_engine_error(exc: BaseException) -> NoReturn:
     raise cls(f"peft_loraone engine: {rest}") from None
 
 
+# ---------------------------------------------------------------------------
+# Loading on first use, and fork detection
+# ---------------------------------------------------------------------------
+
+_bridge: Any = None  # the gopy module peft_loraone._engine.bridge, once loaded
+_loaded_pid: int | None = None  # the process that loaded it
+_forked = False  # set in a child forked after the extension was loaded
+_load_lock = threading.RLock()
+
+FORK_MESSAGE = (
+    "peft_loraone: this process is a fork() of a process that had already used the Go engine "
+    "(os.fork, or multiprocessing's default 'fork' start method on Linux); the Go runtime does not "
+    "survive fork(), so the engine cannot run in this process (it would hang). Start the processes that "
+    "use the engine with multiprocessing.get_context('spawn') or get_context('forkserver') (for "
+    "DataLoader: multiprocessing_context='spawn'), or fork before the parent first uses the engine."
+)
+
+
+def forked() -> bool:
+    """True in a process forked after its parent loaded the engine (where the engine cannot run)."""
+    global _forked
+    if not _forked and _bridge is not None and os.getpid() != _loaded_pid:
+        _forked = True  # a fork that bypassed os.register_at_fork (a C-level fork())
+    return _forked
+
+
+def check_fork() -> None:
+    """Raise :class:`ForkedProcessError` in a child forked after the engine was loaded."""
+    if forked():
+        raise ForkedProcessError(FORK_MESSAGE)
+
+
+def loaded() -> bool:
+    """Whether this process has loaded the Go engine extension (and so started a Go runtime)."""
+    return _bridge is not None
+
+
+def bridge() -> Any:
+    """The gopy module of the Go bridge, loaded (and the BLAS wired) on first use."""
+    if _bridge is not None:
+        check_fork()
+        return _bridge
+    with _load_lock:
+        if _bridge is None:
+            _load()
+    return _bridge
+
+
+def _load() -> None:
+    global _bridge, _loaded_pid
+    try:
+        from ._engine import bridge as mod
+    except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+        raise EngineLoadError(
+            "peft_loraone: the Go engine extension (peft_loraone._engine) is not built or was built for another "
+            f"Python ({exc}). Reinstall with this interpreter: `{os.path.basename(sys.executable)} -m pip install .` "
+            "(needs Go >= 1.26 and gcc; see 'Common issues' in README.md)."
+        ) from exc
+    # gopy's wrapper registers a gc callback that runs a full Go GC after every Python
+    # collection (about 3.8 ms each, measured in bench/). The engine hands Python no Go
+    # objects but the one Pool, so drop it: it would tax every allocation-heavy loop.
+    gopy_modules = (mod.__name__, mod.__name__.rpartition(".")[0] + ".go")
+    gc.callbacks[:] = [cb for cb in gc.callbacks if getattr(cb, "__module__", None) not in gopy_modules]
+    _loaded_pid = os.getpid()
+    _bridge = mod
+    atexit.register(_at_exit)
+    _init_blas()
+
+
+# Jobs that may still run in Go (engine.Job registers itself): at exit they are cancelled and waited for,
+# so interpreter teardown never frees a tensor Go still reads or writes.
+live_jobs: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    if forked():
+        return
+    for job in list(live_jobs):
+        try:
+            job._stop_at_exit()
+        except Exception:  # noqa: BLE001 - never raise at exit
+            pass
+    if _pool is not None:
+        # Module teardown may clear gopy's module before this Pool: its __del__ would then fail noisily.
+        _pool.__class__ = type("ClosedPool", (type(_pool),), {"__del__": lambda self: None})
+
+
+def _after_fork_in_child() -> None:
+    global _forked, _load_lock, _pool_lock
+    # A thread of the parent may have held these at fork time: the child gets fresh ones.
+    _load_lock = threading.RLock()
+    _pool_lock = threading.Lock()
+    if _bridge is None:
+        return  # the engine was never loaded: the child loads its own on first use
+    _forked = True
+    if _pool is not None:
+        # gopy's Pool.__del__ calls into Go (DecRef), which would hang at this child's exit.
+        _pool.__class__ = type("ForkedPool", (type(_pool),), {"__del__": lambda self: None})
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def call(fn: Callable[..., Any], *args: Any) -> Any:
     """Call a bridge function, mapping its error to the right exception class."""
+    check_fork()
     try:
         return fn(*args)
     except RuntimeError as exc:
@@ -74,16 +182,44 @@ def call(fn: Callable[..., Any], *args: Any) -> Any:
 
 def compute(*args: Any) -> float:
     """``bridge.Compute`` with mapped errors (see bridge/bridge.go for the arguments)."""
-    return call(_bridge.Compute, *args)
+    return call(bridge().Compute, *args)
 
 
 def force_panic(msg: str) -> int:
     """Make the bridge panic; the panic must come back as :class:`EngineInternalError`."""
-    return call(_bridge.ForcePanic, msg)
+    return call(bridge().ForcePanic, msg)
 
+
+# ---------------------------------------------------------------------------
+# The job pool
+# ---------------------------------------------------------------------------
 
 _pool = None
 _pool_lock = threading.Lock()
+_MAX_WORKERS = 2**31 - 1
+
+
+def workers_from_env() -> int:
+    """``PEFT_LORAONE_WORKERS`` as an int; 0 (the default: one per core) when unset, empty or invalid.
+
+    An invalid value (not an integer, or above 2**31 - 1) is reported once, as a warning logged when the
+    pool is created (the one time this is read), and the default is used.
+    """
+    raw = os.environ.get("PEFT_LORAONE_WORKERS", "").strip()
+    if not raw:
+        return 0
+    try:
+        workers = int(raw)
+    except ValueError:
+        workers = None
+    if workers is None or workers > _MAX_WORKERS:
+        _blas_log.warning(
+            "peft_loraone: ignoring PEFT_LORAONE_WORKERS=%r (expected an integer: the number of matrices the "
+            "engine computes at once; 0 or unset: one per core); using the default",
+            raw,
+        )
+        return 0
+    return workers
 
 
 def pool() -> Any:
@@ -92,20 +228,71 @@ def pool() -> Any:
     Set ``PEFT_LORAONE_WORKERS`` to bound how many matrices Go computes at once.
     """
     global _pool
+    mod = bridge()  # loads the engine (and wires the BLAS, which sets _blas_threads) or raises in a fork
     with _pool_lock:
         if _pool is None:
-            workers = int(os.environ.get("PEFT_LORAONE_WORKERS", "0") or 0)
+            workers = workers_from_env()
             if workers <= 0 and _blas_threads > 1:
                 # Each job's products already use _blas_threads BLAS threads: don't oversubscribe.
                 workers = max(1, (os.cpu_count() or 1) // _blas_threads)
-            _pool = _bridge.NewPool(workers)
+            _pool = call(mod.NewPool, workers)
         return _pool
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C while waiting for Go
+# ---------------------------------------------------------------------------
+
+
+class DeferredInterrupt:
+    """Hold back SIGINT's Python handler while the main thread waits for the engine in short slices.
+
+    The default handler raises KeyboardInterrupt at whatever bytecode runs next, which could drop a
+    job's completion that Go just reported (Poll forgets a finished job). Inside this context the handler
+    only records the signal; the waiting loop checks :attr:`pending` after each slice (<= 50 ms) and calls
+    :meth:`deliver`, which runs the previous handler (so the KeyboardInterrupt is raised where nothing is
+    lost). Off the main thread, or when SIGINT's handler is not a Python callable (SIG_IGN, SIG_DFL),
+    nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self.pending: tuple[int, Any] | None = None
+        self._prev: Any = None
+
+    def __enter__(self) -> "DeferredInterrupt":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            prev = signal.getsignal(signal.SIGINT)
+            if callable(prev):
+                signal.signal(signal.SIGINT, self._record)
+                self._prev = prev
+        except (ValueError, OSError):  # not the main interpreter, or signals unavailable
+            self._prev = None
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.pending = (signum, frame)
+
+    def deliver(self) -> None:
+        """Run the previous handler for the recorded signal (the default raises KeyboardInterrupt)."""
+        pending, self.pending = self.pending, None
+        if pending is not None and self._prev is not None:
+            self._prev(*pending)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._prev is not None:
+            try:
+                signal.signal(signal.SIGINT, self._prev)
+            except (ValueError, OSError):  # pragma: no cover
+                pass
+            self._prev = None
 
 
 # ---------------------------------------------------------------------------
 # Fast BLAS wiring
 #
-# At import, find an OpenBLAS shared library and hand its path to the Go
+# When the engine is first loaded, find an OpenBLAS shared library and hand its path to the Go
 # bridge (bridge.UseBLAS), which loads it with dlopen and uses its sgemm/dgemm
 # for the products with the input. Nothing is linked at build time: the library
 # numpy bundles (numpy.libs/libscipy_openblas64_*.so) is always there, since
@@ -182,14 +369,15 @@ def use_blas(path: str | None = None, threads: int | None = None) -> str:
     description of the kernels in use is returned.
     """
     global _blas_description, _blas_threads
-    if not hasattr(_bridge, "UseBLAS"):
+    mod = bridge()
+    if not hasattr(mod, "UseBLAS"):
         _blas_log.warning(
             "peft_loraone: the engine extension predates the fast BLAS hook; using gonum (pure Go). "
             "Rebuild with `pip install .`."
         )
         return _blas_description
     if path == "gonum":
-        _blas_description = _bridge.UseGonum()
+        _blas_description = mod.UseGonum()
         return _blas_description
     if path is None:
         path = find_openblas()
@@ -202,7 +390,7 @@ def use_blas(path: str | None = None, threads: int | None = None) -> str:
     if threads is None:
         threads = _default_blas_threads()
     try:
-        _blas_description = _bridge.UseBLAS(path, int(threads))
+        _blas_description = mod.UseBLAS(path, int(threads))
         _blas_threads = int(threads) if threads else 1
     except RuntimeError as exc:
         _blas_log.warning("peft_loraone: could not load %s (%s); the engine uses %s", path, exc, _blas_description)
@@ -213,8 +401,9 @@ def use_blas(path: str | None = None, threads: int | None = None) -> str:
 
 def blas_info() -> str:
     """Describe the kernels the engine uses now (an OpenBLAS, or gonum's pure Go)."""
-    if hasattr(_bridge, "BLASInfo"):
-        return call(_bridge.BLASInfo)
+    mod = bridge()
+    if hasattr(mod, "BLASInfo"):
+        return call(mod.BLASInfo)
     return _blas_description
 
 
@@ -223,25 +412,27 @@ def release_memory() -> int:
     each as large as the largest matrix's bases and panels: ~85 MB for 4096x11008 at r=64) and return the
     Go heap's free memory to the operating system. Returns how many workspaces were dropped;
     :func:`peft_loraone.initialize` calls it when it is done."""
-    if hasattr(_bridge, "ReleaseMemory"):
-        return int(call(_bridge.ReleaseMemory))
+    if not loaded():
+        return 0  # nothing to release: the engine never ran in this process
+    mod = bridge()
+    if hasattr(mod, "ReleaseMemory"):
+        return int(call(mod.ReleaseMemory))
     return 0
 
 
 def kernel_info() -> str:
     """Describe the engine's own SIMD kernels (AVX-512 float32 products and f16/bf16 decoding), if any."""
-    if hasattr(_bridge, "KernelInfo"):
-        return call(_bridge.KernelInfo)
+    mod = bridge()
+    if hasattr(mod, "KernelInfo"):
+        return call(mod.KernelInfo)
     return "unknown (engine built before KernelInfo)"
 
 
 def _init_blas() -> None:
+    """Wire the BLAS chosen by PEFT_LORAONE_BLAS; runs once, when the engine is first loaded."""
     choice = os.environ.get("PEFT_LORAONE_BLAS", "").strip()
     if choice.lower() in ("gonum", "0", "off", "none", "false"):
         _blas_log.info("peft_loraone: PEFT_LORAONE_BLAS=%s: the engine uses gonum (pure Go)", choice)
         return
     use_blas(choice or None)
 
-
-_init_blas()
-# ---------------------------------------------------------------------------
