@@ -218,3 +218,75 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
         assert (g is None) == (h is None), k
         if g is not None:
             assert torch.equal(g, h), k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# capture modes and quantized bases (tests/test_capture.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tiny_llama_config(hidden: int = 32, layers: int = 2):
+    """A Llama of width ``hidden`` (MLP 2x), 2 heads sharing 1 key/value head, untied head."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+
+
+def save_tiny_llama(directory: Any, hidden: int = 32, seed: int = 0) -> str:
+    """Save a random tiny Llama (float32) with ``save_pretrained``; returns the directory (no hub needed)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_llama_config(hidden)).save_pretrained(str(directory))
+    return str(directory)
+
+
+def load_bnb(directory: Any, bits: int = 4, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32):
+    """The model saved in ``directory``, its Linear layers quantized by bitsandbytes on the CPU (4-bit nf4/fp4 with
+    ``compute_dtype``, or 8-bit); the other modules in float32."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 4:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(
+        str(directory), quantization_config=q, device_map="cpu", dtype=torch.float32
+    ).eval()
+
+
+def dequantized_copy(quantized: nn.Module, directory: Any) -> nn.Module:
+    """The float32 model of ``directory`` whose Linear weights are the dequantized weights of the bitsandbytes
+    model ``quantized`` (``dequantize_4bit`` / ``int8_vectorwise_dequant``): the oracle of G on a quantized base."""
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    floats = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            w = getattr(module, "weight", None)
+            kind = type(w).__name__
+            if kind == "Params4bit":
+                deq = bnbf.dequantize_4bit(w.data, w.quant_state)
+            elif kind == "Int8Params":
+                deq = bnbf.int8_vectorwise_dequant(w.data, w.SCB)
+            else:
+                continue
+            floats[name].weight.copy_(deq.to(torch.float32))
+    return model
+
+
+def relative_error(got: torch.Tensor, expect: torch.Tensor) -> float:
+    """``||got - expect||_F / ||expect||_F`` in float64."""
+    got, expect = got.to(torch.float64), expect.to(torch.float64)
+    return (torch.linalg.norm(got - expect) / torch.linalg.norm(expect)).item()

@@ -74,7 +74,7 @@ def test_config_fields_are_documented():
 
 
 def test_not_a_peft_model():
-    with pytest.raises(TypeError, match="expects a PEFT LoRA model .* got MLP"):
+    with pytest.raises(TypeError, match="expects a PEFT LoRA model.* got MLP"):
         peft_loraone.initialize(MLP(), mlp_batches(2))
 
 

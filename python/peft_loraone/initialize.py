@@ -52,20 +52,37 @@ Data = Union[Iterable[Any], Callable[..., Any]]
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _InjectedTuner:
+    """The parts of a ``LoraModel`` that :func:`initialize` uses, for a model whose LoRA layers were injected
+    without a ``PeftModel`` wrapper (``peft.inject_adapter_in_model``, transformers' ``model.add_adapter``):
+    PEFT then stores the adapter configs as ``model.peft_config``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.peft_config = model.peft_config  # the same dict: writing an entry updates the model's
+
+
 def _tuner(model: nn.Module):
     from peft import PeftModel
     from peft.tuners.lora import LoraModel
+    from peft.tuners.lora.layer import LoraLayer
 
     if isinstance(model, PeftModel):
         tuner = model.base_model
     else:
         tuner = model
-    if not isinstance(tuner, LoraModel):
-        raise TypeError(
-            "peft_loraone.initialize expects a PEFT LoRA model (the result of peft.get_peft_model with a "
-            f"LoraConfig), got {type(model).__name__}."
-        )
-    return tuner
+    if isinstance(tuner, LoraModel):
+        return tuner
+    configs = getattr(model, "peft_config", None)
+    has_lora = isinstance(model, nn.Module) and any(isinstance(m, LoraLayer) for m in model.modules())
+    if has_lora and isinstance(configs, dict):
+        return _InjectedTuner(model)
+    hint = " (its LoRA layers have no `peft_config` attribute next to them)" if has_lora else ""
+    raise TypeError(
+        "peft_loraone.initialize expects a PEFT LoRA model: the result of peft.get_peft_model with a LoraConfig, "
+        "or a model whose LoRA layers were added by peft.inject_adapter_in_model / model.add_adapter; got "
+        f"{type(model).__name__}{hint}."
+    )
 
 
 def _is_quantized(layer: nn.Module) -> bool:
@@ -83,10 +100,54 @@ def _is_quantized(layer: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dtype not in _SUPPORTED_FLOATS
 
 
+def _quantized_kind(layer: nn.Module) -> Optional[str]:
+    """The quantized LoRA layers LoRA-One initializes from activations (``capture="dense"``), else None:
+
+    - 'bnb-4bit', 'bnb-8bit': PEFT's bitsandbytes layers over ``Linear4bit`` (packed ``Params4bit`` weight with a
+      quant_state) or ``Linear8bitLt``;
+    - 'hqq': PEFT's ``HqqLoraLinear`` over hqq's ``HQQLinear``;
+    - 'torchao': PEFT's ``TorchaoLoraLinear`` over a Linear whose weight is a torchao tensor subclass.
+
+    Each computes ``y = x deq(W)ᵀ + b`` (up to the backend's rounding of x), so deltaᵀ x is the gradient with
+    respect to the dequantized weight. Reads class and module names only: no backend is imported here.
+    """
+    module = type(layer).__module__
+    base = layer.get_base_layer()
+    if module.startswith("peft.tuners.lora.bnb"):
+        names = {c.__name__ for c in type(base).__mro__ if c.__module__.startswith("bitsandbytes")}
+        if "Linear4bit" in names and type(getattr(base, "weight", None)).__name__ == "Params4bit":
+            return "bnb-4bit"
+        if "Linear8bitLt" in names:
+            return "bnb-8bit"
+    elif module.startswith("peft.tuners.lora.hqq") and hasattr(base, "W_q"):
+        return "hqq"
+    elif module.startswith("peft.tuners.lora.torchao") and type(getattr(base, "weight", None)).__module__.startswith(
+        "torchao."
+    ):
+        return "torchao"
+    return None
+
+
+def _base_weight(layer: nn.Module) -> Any:
+    """The stored weight of a LoRA layer's base (hqq keeps it as ``W_q``)."""
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    return base.W_q if weight is None and hasattr(base, "W_q") else weight
+
+
+#: Layer kinds LoRA-One initializes; the quantized ones only where G comes from activations (not capture="weight").
+_QUANTIZED_KINDS = ("bnb-4bit", "bnb-8bit", "hqq", "torchao")
+_SUPPORTED_KINDS = ("linear", *_QUANTIZED_KINDS)
+
+
 def _layer_kind(layer: nn.Module) -> str:
-    """'linear', 'quantized' or the name of an unsupported layer type."""
+    """'linear' (Linear, Conv1D), one of :data:`_QUANTIZED_KINDS`, 'quantized' (any other quantized base:
+    unsupported) or the name of an unsupported layer type."""
     from peft.tuners.lora import layer as lora_layer
 
+    quantized = _quantized_kind(layer)
+    if quantized is not None:
+        return quantized
     if _is_quantized(layer):
         return "quantized"
     if type(layer) is lora_layer.Linear or (
@@ -171,6 +232,8 @@ def _batches(data: Iterable[Any], limit: int):
 
 def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
+        if obj.is_inference():  # made under torch.inference_mode(): autograd cannot save it for backward
+            obj = obj.clone()
         return obj.to(device) if obj.device != device else obj
     if isinstance(obj, Mapping):
         return {k: _to_device(v, device) for k, v in obj.items()}
@@ -213,7 +276,10 @@ def _loss(model: nn.Module, batch: Any, loss_fn: Optional[Callable[[Any, Any], A
     if not loss.requires_grad:
         raise ValueError(
             "peft_loraone.initialize: the loss does not depend on any target weight (no grad_fn); check "
-            "target_modules and that the forward pass uses them."
+            "target_modules and that the forward pass uses them"
+            + ("" if torch.is_grad_enabled() else ", and that the model's forward does not turn autograd off "
+               "(torch.no_grad() inside forward or a loss_fn)")
+            + "."
         )
     return loss.reshape(())
 
@@ -276,10 +342,77 @@ def _materialize(layer: nn.Module, adapter_name: str, peft_config: Any) -> bool:
     return changed
 
 
+def _meta_adapter_tensors(root: nn.Module, adapter_name: str) -> list[str]:
+    """Names of the parameters and buffers of adapter ``adapter_name`` still on the meta device."""
+    key = f".{adapter_name}"
+    return [
+        n
+        for n, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]
+        if t.is_meta and (key + "." in n or n.endswith(key))
+    ]
+
+
+def _adapter_layers(root: nn.Module, adapter_name: str) -> list[nn.Module]:
+    """Every LoRA and trainable-token layer holding ``adapter_name``, nested ones included (MultiheadAttention's
+    ``out_proj`` inside its LoRA wrapper; ``trainable_token_indices`` layers)."""
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    found = []
+    for m in root.modules():
+        if isinstance(m, LoraLayer) and adapter_name in m.r:
+            found.append(m)
+        elif isinstance(m, TrainableTokensLayer) and adapter_name in m.token_indices:
+            found.append(m)
+    return found
+
+
+def _materialize_all(root: nn.Module, adapter_name: str, peft_config: Any, *, dry_run: bool = False) -> list[str]:
+    """Give every meta tensor of the adapter (``get_peft_model(..., low_cpu_mem_usage=True)``) real storage at
+    PEFT's default init, at every depth. Returns the names that would stay on the meta device; with ``dry_run``
+    nothing is changed (``initialize`` calls it first, so it can refuse before touching the model)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    before = _meta_adapter_tensors(root, adapter_name)
+    if not before:
+        return []
+    covered: set[int] = set()
+    for layer in _adapter_layers(root, adapter_name):
+        if isinstance(layer, TrainableTokensLayer):
+            if layer.tied_adapter is not None:
+                continue  # shares its delta with the layer it is tied to
+            delta = layer.trainable_tokens_delta.get(adapter_name)
+            if delta is not None and delta.is_meta and not layer.get_base_layer().weight.is_meta:
+                covered.add(id(delta))
+                if not dry_run:
+                    with torch.no_grad():
+                        layer.update_layer(adapter_name, token_indices=layer.token_indices[adapter_name], init_weights=True)
+            continue
+        for attr in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            modules = getattr(layer, attr, {})
+            if adapter_name in modules:
+                covered.update(id(p) for p in modules[adapter_name].parameters() if p.is_meta)
+        for attr in ("lora_embedding_A", "lora_embedding_B"):
+            params = getattr(layer, attr, {})
+            if adapter_name in params and params[adapter_name].is_meta:
+                covered.add(id(params[adapter_name]))
+        if not dry_run:
+            _materialize(layer, adapter_name, peft_config)
+    if dry_run:
+        tensors = dict([*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)])
+        return [n for n in before if id(tensors[n]) not in covered]
+    return _meta_adapter_tensors(root, adapter_name)
+
+
 def _dora_magnitude(t: Target, adapter_name: str) -> torch.Tensor:
     """DoRA's magnitude at init: the row norms of W0 + s·B·A (PEFT's ``get_weight_norm``)."""
     layer = t.layer
-    base = t.weight.detach()
+    if t.kind in _QUANTIZED_KINDS:  # the dequantized weight, as PEFT's DoRA uses for quantized layers
+        from peft.utils.integrations import dequantize_module_weight
+
+        base = dequantize_module_weight(t.base).detach()
+    else:
+        base = t.weight.detach()
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     w = (base.t() if t.fan_in_fan_out else base).to(dtype)  # Shape: (out_features, in_features)
     lora_a = layer.lora_A[adapter_name].weight.detach().to(dtype)
@@ -365,6 +498,18 @@ def _versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _grad_enabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` with autograd on, also when called under ``torch.no_grad()`` or ``torch.inference_mode()``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_grad_enabled
 def initialize(
     model: nn.Module,
     data: Data,
@@ -381,16 +526,26 @@ def initialize(
         U, S, V = top-r SVD of -G,  sigma1 = S[0]
         lora_B = U diag(sqrt(S)) / sqrt(gamma sigma1),   lora_A = diag(sqrt(S)) V^T / sqrt(gamma sigma1)
 
-    so ``layer.get_delta_weight(adapter) == (s / (gamma sigma1)) [-G]_r`` (transposed for Conv1D). Gradients are
-    captured with only the target base weights requiring grad and accumulated in float32; every
+    so ``layer.get_delta_weight(adapter) == (s / (gamma sigma1)) [-G]_r`` (transposed for Conv1D). G is captured
+    as ``LoraOneConfig.capture`` says: ``"dense"`` (default) from each base layer's input x and output gradient
+    delta (G = mean of deltaᵀ x; no weight requires grad, so bitsandbytes 4-/8-bit, hqq and torchao bases work),
+    ``"weight"`` from the target base weights' ``.grad``, or ``"sketch"`` (the same hooks as ``"dense"``, G never
+    formed: randomized sketches of it, reconstructed by the engine with an error estimate; ``sketch_passes=2``
+    replays the batches once more); either way accumulated in float32; every
     ``requires_grad`` flag, ``.grad``, the train/eval mode and the enabled adapters are restored afterwards,
     also on error. The factors are computed for all layers first and written (``copy_``, same Parameters,
-    the adapter's dtype) only when all succeeded, so a failure leaves the model as it was.
+    the adapter's dtype) only when all succeeded, so a failure leaves the model as it was. Autograd is switched on
+    for the call, so it also works under ``torch.no_grad()`` or ``torch.inference_mode()`` (batches made under
+    inference mode are cloned into ordinary tensors). Models whose LoRA layers were injected without a
+    ``PeftModel`` (``peft.inject_adapter_in_model``, transformers' ``model.add_adapter``) are accepted too; adapter
+    tensors left on the meta device by ``low_cpu_mem_usage=True`` (nested LoRA layers and trainable tokens included)
+    get PEFT's default init where LoRA-One does not write them.
 
     Args:
         model: A ``PeftModel`` (or ``LoraModel``) whose adapter was created with ``init_lora_weights="loraone"``.
         data: An iterable of batches (a dict is passed as ``model(**batch)``, a tuple or list as
-            ``model(*batch)``, anything else as ``model(batch)``; tensors are moved to the model's device), or a
+            ``model(*batch)``, anything else as ``model(batch)``; tensors are moved to the model's device; a single
+            dict is refused with a ``TypeError``: pass ``[batch]``), or a
             ``train_step(model)`` / ``train_step()`` callable that runs forward and backward itself (called
             ``num_batches`` times).
         adapter_name: The adapter to initialize; other adapters are disabled during the gradient pass and not
@@ -399,13 +554,15 @@ def initialize(
         **config_overrides: Fields of :class:`LoraOneConfig` to override (``gamma=64, num_batches=16``).
 
     Returns:
-        An :class:`InitReport` (per module rank, sigma1, accuracy estimate and time; skipped modules and why).
+        An :class:`InitReport` (per module rank, sigma1, accuracy estimate, time, capture mode and the bytes its
+        accumulator held; skipped modules and why).
 
     Raises:
         TypeError: ``model`` is not a PEFT LoRA model, ``config`` is not a ``LoraOneConfig``, ``data`` is neither
             iterable nor callable, or an unknown override is given.
         ValueError: unknown adapter, adapter not created with ``init_lora_weights="loraone"`` (or already
-            initialized), a merged adapter, quantized target layers, an unsupported LoRA variant, no Linear or
+            initialized), a merged adapter, quantized target layers (any with ``capture="weight"``; of an unsupported
+            backend in every mode), an unsupported LoRA variant, no Linear or
             Conv1D target, no batches, a loss that is missing or not a scalar, or an engine error (NaN/Inf
             gradient, ...).
 
@@ -441,12 +598,23 @@ def initialize(
             + (" because it was already initialized by peft_loraone.initialize" if already else "")
             + "; LoRA-One initializes adapters created with LoraConfig(init_lora_weights='loraone')."
         )
+    if isinstance(data, Mapping):
+        raise TypeError(
+            f"`data` is a single batch (a {type(data).__name__} with keys {list(data)[:5]}); initialize iterates "
+            "`data`, which would yield the keys. Pass a list of batches (`[batch]` for one batch) or a DataLoader."
+        )
     if _is_train_step(data):
         train_step: Optional[Callable[..., Any]] = data
     elif isinstance(data, (Iterable, torch.Tensor)) and not isinstance(data, (str, bytes)):
         train_step = None
     else:
         raise TypeError(f"`data` must be an iterable of batches or a train_step callable, got {type(data).__name__}.")
+    if train_step is not None and config.capture == "sketch" and config.sketch_passes == 2:
+        raise ValueError(
+            "capture='sketch' with sketch_passes=2 replays the batches in a second pass, which a train_step callable "
+            "cannot do (initialize never sees its batches). Pass the batches instead (a list, a DataLoader or any "
+            "iterable: the first pass keeps them for the replay), or use sketch_passes=1."
+        )
 
     merged = [n for n, m in _all_lora_layers(tuner.model) if m.merged]
     if merged:
@@ -455,19 +623,43 @@ def initialize(
             "the gradient would not be taken at W0. Call model.unmerge_adapter() first."
         )
     layers = _lora_layers(tuner, adapter_name)
-    quantized = [n for n, m in layers if _layer_kind(m) == "quantized"]
-    if quantized:
+    unmaterializable = _materialize_all(tuner.model, adapter_name, peft_config, dry_run=True)
+    if unmaterializable:
         raise ValueError(
-            f"LoRA-One cannot initialize quantized base layers ({quantized}): their weights cannot take a "
-            "gradient. Initialize on a non-quantized (e.g. bfloat16) copy of the model, save the adapter and load "
-            "it onto the quantized model."
+            f"Adapter {adapter_name!r} has tensors on the meta device that peft_loraone cannot give PEFT's default "
+            f"init ({unmaterializable}), so the model would not run after initialize. Create the model without "
+            "low_cpu_mem_usage=True, or load those tensors first."
+        )
+    kinds = {n: _layer_kind(m) for n, m in layers}
+    quantized = [n for n, m in layers if kinds[n] == "quantized"]
+    if quantized:
+        types = sorted(
+            {
+                f"{type(m).__name__} over {type(m.get_base_layer()).__name__} "
+                f"with a {type(_base_weight(m)).__name__} {getattr(_base_weight(m), 'dtype', '')} weight".rstrip()
+                for n, m in layers
+                if kinds[n] == "quantized"
+            }
+        )
+        raise ValueError(
+            f"LoRA-One cannot initialize quantized base layers ({quantized}): {'; '.join(types)}: not supported "
+            "(LoRA-One supports bitsandbytes 4-bit and 8-bit, hqq and torchao bases, with capture='dense'). "
+            "Initialize on a non-quantized (e.g. bfloat16) copy of the model, save the adapter and load it onto the "
+            "quantized model."
+        )
+    frozen = [n for n in kinds if kinds[n] in _QUANTIZED_KINDS]
+    if frozen and config.capture == "weight":
+        raise ValueError(
+            f"LoRA-One with capture='weight' cannot initialize quantized base layers ({frozen}): their weights cannot "
+            "take a gradient. Use LoraOneConfig(capture='dense') (the default), which takes G from the layers' "
+            "inputs and output gradients, i.e. the gradient with respect to the dequantized weight."
         )
     variants = [
         f"{n} ({type(m.lora_variant[adapter_name]).__name__})"
         for n, m in layers
         if adapter_name in getattr(m, "lora_variant", {})
         and type(m.lora_variant[adapter_name]).__name__ != "DoraLinearVariant"
-        and _layer_kind(m) == "linear"
+        and kinds[n] in _SUPPORTED_KINDS
     ]
     if variants:
         raise ValueError(f"LoRA-One supports plain LoRA and DoRA only; unsupported variant on {variants}.")
@@ -475,11 +667,11 @@ def initialize(
     targets: list[Target] = []
     skipped: list[SkippedModule] = []
     for name, layer in layers:
-        kind = _layer_kind(layer)
-        if kind != "linear":
+        kind = kinds[name]
+        if kind not in _SUPPORTED_KINDS:
             skipped.append(SkippedModule(name, kind, "layer type not supported by LoRA-One yet (default init)"))
             continue
-        weight = layer.get_base_layer().weight
+        weight = _base_weight(layer)
         if weight.is_meta:
             raise ValueError(f"The base weight of {name!r} is on the meta device; load the model's weights first.")
         a_dtype = layer.lora_A[adapter_name].weight.dtype
@@ -492,6 +684,10 @@ def initialize(
                 r=int(layer.r[adapter_name]),
                 scaling=float(layer.scaling[adapter_name]),
                 out_dtype=torch.float64 if a_dtype == torch.float64 else torch.float32,
+                # G's shape from the adapter's own factors: a packed quantized weight's shape is not (out, in)
+                out_features=int(layer.lora_B[adapter_name].weight.shape[0]),
+                in_features=int(layer.lora_A[adapter_name].weight.shape[1]),
+                kind=kind,
             )
         )
     if not targets:
@@ -513,7 +709,15 @@ def initialize(
     overlap = engine_overlaps_backward(device)
     logger.debug("LoRA-One: engine %s backward", "overlaps" if overlap else "runs after")
     capture = GradientCapture(
-        model, targets, gamma=config.gamma, svd=config.svd_settings(), train_mode=config.train_mode, overlap=overlap
+        model,
+        targets,
+        gamma=config.gamma,
+        svd=config.svd_settings(),
+        train_mode=config.train_mode,
+        overlap=overlap,
+        mode=config.capture,
+        accumulate_on=config.accumulate_on,
+        options=config.capture_options(),
     )
     capture_start = time.perf_counter()
     with capture:
@@ -530,11 +734,28 @@ def initialize(
                 desc="LoRA-One gradient",
                 unit="batch",
             )
+            # a two-pass sketch replays the same batches, kept as they came (a re-iterated DataLoader could shuffle)
+            replay: Optional[list[Any]] = [] if capture.passes > 1 else None
+            rng = None
+            if replay is not None:
+                rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
             for batch, last in bar:
-                capture.begin_batch(last=last)
+                capture.begin_batch(last=last and replay is None)
+                if replay is not None:
+                    replay.append(batch)
                 size = _batch_size(batch)
                 samples = None if samples is None or size is None else samples + size
                 _loss(model, _to_device(batch, device), config.loss_fn).backward()
+            if replay is not None:
+                capture.begin_pass()
+                torch.set_rng_state(rng[0])  # the same dropout masks in train mode
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state_all(rng[1])
+                again = _progress(replay, enabled=config.progress, desc="LoRA-One sketch, pass 2", unit="batch")
+                for i, batch in enumerate(again):
+                    capture.begin_batch(last=i == len(replay) - 1)
+                    _loss(model, _to_device(batch, device), config.loss_fn).backward()
+                del replay
         if not overlap:
             return_freed_host_memory()  # the SVDs then run in the pages the activations freed
         no_grad = capture.finish()
@@ -581,6 +802,11 @@ def initialize(
                     passes=int(factors.passes),
                     converged=bool(factors.converged),
                     seconds=seconds,
+                    capture=t.accumulator.mode,
+                    accumulator_bytes=t.accumulator.nbytes,
+                    accumulated_on=str(t.accumulator.device),
+                    residual=getattr(factors, "residual", None),
+                    sketch_size=getattr(factors, "sketch_size", None),
                 )
             )
     except BaseException:
@@ -609,8 +835,9 @@ def initialize(
         )
 
     # ---- write: materialize meta adapters, copy factors, DoRA magnitudes ----
-    for _, layer in layers:
-        _materialize(layer, adapter_name, peft_config)
+    left = _materialize_all(tuner.model, adapter_name, peft_config)
+    if left:  # the dry run said these could be materialized; PEFT changed under us
+        raise RuntimeError(f"peft_loraone: adapter tensors {left} are still on the meta device; please report this.")
     _write(done, adapter_name)
     for _, layer in _all_lora_layers(tuner.model):
         _peft_hook.clear_pending(layer, adapter_name)
@@ -632,6 +859,7 @@ def initialize(
         capture_seconds=capture_seconds,
         total_seconds=time.perf_counter() - start,
         versions=_versions(),
+        accumulator_bytes=sum(acc.nbytes for acc in capture.accumulators),
     )
     _remember(model, report)
     return report

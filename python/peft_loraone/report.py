@@ -23,12 +23,23 @@ class ModuleReport:
         rank: Rank written (``min(r, out, in)``); ``r`` is the layer's LoRA rank.
         r: The layer's LoRA rank.
         scaling: The layer's LoRA scaling ``s`` (rsLoRA and patterns included).
-        sigma1: Largest singular value of G.
-        accuracy: The engine's accuracy estimate of the rank-``rank`` truncation.
-        passes: Passes the randomized SVD made over G.
-        converged: Whether the engine met its tolerance.
+        sigma1: Largest singular value of G (``"sketch"``: of its reconstruction).
+        accuracy: The engine's accuracy estimate of the rank-``rank`` truncation. With ``capture="sketch"``: the
+            engine's estimate (from its test vectors) of the relative error of ``s·B·A`` against the exact LoRA-One
+            init from G, which the sketch never formed.
+        passes: Passes the randomized SVD made over G; with ``capture="sketch"``, passes over the batches (1 or 2).
+        converged: Whether the engine met its tolerance (always True for a sketch: nothing iterates).
         seconds: Latency: wall time from handing G to the engine (during the last backward pass) until its
             factors were collected; jobs run concurrently, so these overlap and do not add up.
+        capture: The capture mode that produced G (``LoraOneConfig.capture``: ``"dense"``, ``"weight"`` or
+            ``"sketch"``).
+        accumulator_bytes: Bytes the module's accumulator held during the passes (its float32/float64 sum of G, or
+            its sketches at their largest: Y, Z and W, or Y, Z and X with two passes); modules sharing one base
+            weight (tied) share one accumulator and each reports it.
+        accumulated_on: Device of that accumulator (``"cpu"`` with ``accumulate_on="cpu"``).
+        residual: ``"sketch"`` only (else ``None``): the estimated ``||G - [G^]_r||_F / ||G||_F``, which includes
+            G's own tail beyond rank r (what no rank-r init captures).
+        sketch_size: ``"sketch"`` only: the sketch size k used for the module.
     """
 
     name: str
@@ -41,6 +52,11 @@ class ModuleReport:
     passes: int
     converged: bool
     seconds: float
+    capture: str = "weight"
+    accumulator_bytes: int = 0
+    accumulated_on: str = "cpu"
+    residual: Optional[float] = None
+    sketch_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,8 @@ class InitReport:
         capture_seconds: Forward/backward time.
         total_seconds: Time of the whole call.
         versions: Versions of peft_loraone, peft and torch.
+        accumulator_bytes: Bytes held by all accumulators together during the passes (a shared one counted once;
+            with ``accumulate_on="cpu"`` on an accelerator, the pinned staging buffers come on top).
     """
 
     adapter_name: str
@@ -77,6 +95,7 @@ class InitReport:
     capture_seconds: float = 0.0
     total_seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
+    accumulator_bytes: int = 0
 
     def __getitem__(self, name: str) -> ModuleReport:
         for module in self.modules:
@@ -99,6 +118,9 @@ class InitReport:
             "versions": self.versions,
             "modules": [asdict(m) for m in self.modules],
             "skipped": [asdict(s) for s in self.skipped],
+            "capture": self.config.get("capture"),
+            "accumulate_on": self.config.get("accumulate_on"),
+            "accumulator_bytes": self.accumulator_bytes,
             "capture_seconds": self.capture_seconds,
             "total_seconds": self.total_seconds,
         }
@@ -113,7 +135,14 @@ class InitReport:
         return path
 
     def __str__(self) -> str:
-        header = ("module", "shape", "rank", "scaling", "sigma1", "accuracy", "passes", "latency")
+        modes = sorted({m.capture for m in self.modules})
+        sketched = "sketch" in modes
+        accuracy = "est. error" if modes == ["sketch"] else "accuracy"
+        header = ("module", "shape", "rank", "scaling", "sigma1", accuracy, "passes", "latency", "held")
+        if sketched:
+            header += ("k",)
+        if len(modes) > 1:
+            header += ("capture",)
         rows = [
             (
                 m.name,
@@ -124,11 +153,14 @@ class InitReport:
                 f"{m.accuracy:.2e}" + ("" if m.converged else "*"),
                 str(m.passes),
                 f"{m.seconds * 1e3:.0f} ms",
+                _bytes(m.accumulator_bytes),
             )
+            + ((str(m.sketch_size) if m.sketch_size else "-",) if sketched else ())
+            + ((m.capture,) if len(modes) > 1 else ())
             for m in self.modules
         ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        right = {2, 3, 4, 5, 6, 7}
+        right = {2, 3, 4, 5, 6, 7, 8, 9} if sketched else {2, 3, 4, 5, 6, 7, 8}
 
         def fmt(cells: tuple[str, ...]) -> str:
             return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -139,13 +171,34 @@ class InitReport:
             f"LoRA-One init of adapter {self.adapter_name!r}: {len(self.modules)} modules initialized, "
             f"{len(self.skipped)} kept at default init; gamma={gamma}, {self.batches} batches{samples}; "
             f"gradient {self.capture_seconds:.2f} s, total {self.total_seconds:.2f} s",
+            f"capture {'/'.join(modes) or self.config.get('capture', '?')}: "
+            f"{'sketches of G' if modes == ['sketch'] else 'G'} accumulated on "
+            f"{'/'.join(sorted({m.accumulated_on for m in self.modules})) or '-'}, "
+            f"{_bytes(self.accumulator_bytes)} held in all",
             fmt(header),
             fmt(tuple("-" * w for w in widths)),
         ]
         lines += [fmt(r) for r in rows]
+        if sketched:
+            estimates = sorted(m.accuracy for m in self.modules if m.capture == "sketch")
+            lines.append(
+                f"{accuracy if modes == ['sketch'] else 'accuracy of sketch modules'}: the engine's estimate of the "
+                "relative error of s·B·A against the exact LoRA-One init (G was sketched, never formed); median "
+                f"{estimates[len(estimates) // 2]:.2e}, max {estimates[-1]:.2e}"
+            )
         if any(not m.converged for m in self.modules):
             lines.append("* the randomized SVD stopped at its iteration limit before reaching its tolerance")
         if self.skipped:
             lines.append("kept at PEFT's default init (B = 0):")
             lines += [f"  {s.name} ({s.layer_type}): {s.reason}" for s in self.skipped]
         return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    """``1.5 MiB``-style size."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
