@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+# The engine module does not load the Go extension: that happens on first use (see _native), so
+# `import peft_loraone` starts no Go runtime and a process forked after it can still use the engine.
 from .engine import Factors, Job, lora_ga, lora_one, pissa, submit_lora_ga, submit_lora_one, submit_pissa
 from .errors import (
+    ArgumentTypeError,
+    CancelledError,
     EngineInternalError,
+    EngineLoadError,
+    ForkedProcessError,
     InvalidArgumentError,
+    JobTimeoutError,
     LoraOneError,
     LoraOneWarning,
     NonFiniteError,
@@ -37,14 +44,30 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
+
+def __getattr__(name: str):
+    # LoraOneCallback subclasses transformers.TrainerCallback: import it (and transformers' trainer) on first use only
+    if name == "LoraOneCallback":
+        from .callback import LoraOneCallback
+
+        return LoraOneCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "ArgumentTypeError",
+    "CancelledError",
     "EngineInternalError",
+    "EngineLoadError",
+    "ForkedProcessError",
     "Factors",
     "InitReport",
     "InvalidArgumentError",
     "Job",
+    "JobTimeoutError",
     "LORAONE",
     "LoraConfig",
+    "LoraOneCallback",
     "LoraOneConfig",
     "LoraOneError",
     "LoraOneWarning",
