@@ -2,7 +2,7 @@
 """Capture modes at ~1.1B parameters (issue 12): peak memory and time of ``initialize`` per capture mode, against
 the same forward/backward passes of LoRA training alone. A benchmark, not a test (nothing here is asserted).
 
-    python bench/capture_memory.py                      # memory table, float32 and 4-bit (~25 min on the shared 2 cores)
+    python bench/capture_memory.py        # memory tables, float32 and 4-bit (~30 min on the shared 2 cores)
     python bench/capture_memory.py --modes '' --quant-modes '' --speed fwdbwd,dense,sketch,weight,fwdbwd  # speed only
     python bench/capture_memory.py --layers 2 --modes fwdbwd,sketch --quant-modes ''   # smoke run, ~2 min
 
@@ -311,7 +311,10 @@ def run_child(args: list[str], timeout: float) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         rc = proc.returncode
-        why = "killed by signal %d%s" % (-rc, " (SIGKILL: out of memory?)" if rc == -9 else "") if rc < 0 else f"exit {rc}"
+        if rc < 0:
+            why = f"killed by signal {-rc}" + (" (SIGKILL: out of memory?)" if rc == -9 else "")
+        else:
+            why = f"exit {rc}"
         return {"error": why, "stderr": (proc.stderr or proc.stdout)[-3000:], "wall_s": wall}
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["wall_s"] = wall
@@ -336,6 +339,16 @@ def sketch_dims_of(m: int, n: int, r: int = RANK, size: Any = None) -> tuple[int
     opt = default_sketch()
     k, ell = sketch_dims(opt["size"] if size is None else size, opt["rows"], r, m, n)
     return k, ell, int(opt["test_vectors"])
+
+
+def sketch2_bytes(m: int, n: int, r: int = RANK, elt: int = 4) -> int:
+    """Bytes of a two-pass sketch at its default size (``sketch_passes=2``): Y/Q (p x k), Z (p x t), X (k x q)."""
+    from peft_loraone.config import LoraOneConfig, sketch_dims
+
+    opt = LoraOneConfig(capture="sketch", sketch_passes=2).capture_options()
+    k, _ = sketch_dims(opt["size"], None, r, m, n)
+    p, q = max(m, n), min(m, n)
+    return elt * (p * (k + int(opt["test_vectors"])) + k * q)
 
 
 def sketch_bytes(m: int, n: int, r: int = RANK, size: Any = None, elt: int = 4) -> int:
@@ -379,8 +392,10 @@ def arithmetic() -> dict[str, dict[str, float]]:
         sk = layers * sum(sketch_bytes(m, n) for _, m, n in tg)
         sk4 = layers * sum(sketch_bytes(m, n, size="4r") for _, m, n in tg)
         sk8 = layers * sum(sketch_bytes(m, n, size="8r") for _, m, n in tg)
+        sk2 = layers * sum(sketch2_bytes(m, n) for _, m, n in tg)
         out[name] = {"layers": layers, "params": params, "fp32_bytes": 4 * params, "bf16_bytes": 2 * params,
-                     "target_numel": target_numel, "dense_bytes": dense, "sketch_bytes": sk, "sketch4r_bytes": sk4, "sketch8r_bytes": sk8,
+                     "target_numel": target_numel, "dense_bytes": dense, "sketch_bytes": sk, "sketch4r_bytes": sk4,
+                     "sketch8r_bytes": sk8, "sketch2_bytes": sk2,
                      "dense_per_layer": dense / layers, "sketch_per_layer": sk / layers}
     return out
 
@@ -415,8 +430,9 @@ def table(results: dict[str, dict], base: str, threads: list[int]) -> list[str]:
         v = results.get(f"{base}/{which}/{t1}")
         if v is None:
             continue
-        label = {"fwdbwd": "8 fwd/bwd passes (LoRA training)",
-                 "fwdbwd_base": "8 fwd/bwd passes, adapters off (base model's backward only)",
+        nb = v.get("batches", 8)
+        label = {"fwdbwd": f"{nb} fwd/bwd passes (LoRA training)",
+                 "fwdbwd_base": f"{nb} fwd/bwd passes, adapters off (base model's backward only)",
                  "sketch2": "initialize, capture='sketch', sketch_passes=2"}.get(
             which, f"initialize, capture={which!r}")
         if v.get("merged"):
@@ -484,7 +500,8 @@ def verdicts(results: dict[str, dict], base: str, t1: int, seq: int) -> list[str
         over = dn["extra_mb"] - fb["extra_mb"]
         bound = dn["target_fp32_bytes"] / MiB
         lines.append(f"- dense: peak above the fwd/bwd peak {over:+.0f} MiB <= one float32 copy of the target weights "
-                     f"{bound:.0f} MiB: {met(over <= bound)} (reported accumulators {dn['accumulator_bytes'] / MiB:.0f} "
+                     f"{bound:.0f} MiB: {met(over <= bound)} (reported accumulators "
+                     f"{dn['accumulator_bytes'] / MiB:.0f} "
                      f"MiB)")
         fbb = results.get(f"{base}/fwdbwd_base/{t1}", {})
         if "extra_mb" in fbb:
@@ -500,19 +517,23 @@ def verdicts(results: dict[str, dict], base: str, t1: int, seq: int) -> list[str
             rep = sk["accumulator_bytes"] / MiB
             trans = max(sketch_transient(*m["shape"], tokens=seq) for m in sk["modules"]) / MiB
             lo, hi = 0.9 * rep, 1.1 * rep + trans
-            lines.append(f"- {label} holds nothing but its sketches: peak above the fwd/bwd peak {over:+.0f} MiB against "
-                         f"reported sketch bytes {rep:.0f} MiB (+10% and one batch's transient products, {trans:.1f} MiB "
+            lines.append(f"- {label} holds nothing but its sketches: peak above the fwd/bwd peak {over:+.0f} MiB "
+                         f"against reported sketch bytes {rep:.0f} MiB (+10% and one batch's transient products, "
+                         f"{trans:.1f} MiB "
                          f"for the widest target: [{lo:.0f}, {hi:.0f}] MiB): {met(over <= hi)}"
                          f"{'' if over >= lo else f' (below the reported bytes: {over / rep:.2f}x; see the notes)'}")
             fbb = results.get(f"{base}/fwdbwd_base/{t1}", {})
             if "extra_mb" in fbb:
                 ob = sk["extra_mb"] - fbb["extra_mb"]
-                lines.append(f"  - against the adapters-off passes (the same graph without LoRA, initialize's own floor): "
+                lines.append("  - against the adapters-off passes (the same graph without LoRA, initialize's own "
+                             "floor): "
                              f"{ob:+.0f} MiB = {ob / rep:.2f}x the reported sketch bytes ({met(ob <= hi)} for the same "
-                             f"bound; the LoRA-training passes hold {fb['extra_mb'] - fbb['extra_mb']:+.0f} MiB more than "
+                             f"bound; the LoRA-training passes hold {fb['extra_mb'] - fbb['extra_mb']:+.0f} MiB more "
+                             "than "
                              "these)")
             bound = 0.10 * sk["fp32_param_bytes"] / MiB
-            lines.append(f"- {label} at its default size at most 10% of the model's parameter bytes above the fwd/bwd peak: "
+            lines.append(f"- {label} at its default size at most 10% of the model's parameter bytes above the "
+                         "fwd/bwd peak: "
                          f"{over:+.0f} MiB <= {bound:.0f} MiB (10% of {sk['fp32_param_bytes'] / MiB:.0f} MiB float32): "
                          f"{met(over <= bound)}; reported sketch bytes alone {rep:.0f} MiB = "
                          f"{100 * rep / (sk['fp32_param_bytes'] / MiB):.1f}% of the float32 parameters"
@@ -543,7 +564,7 @@ def speed_table(speed: dict[str, dict]) -> list[str]:
         lines.append("| step | pipeline | seconds | passes s | ratio vs fwd/bwd | load avg start -> end |")
         lines.append("|---|---|---|---|---|---|")
         for i, s in enumerate(res["steps"], 1):
-            label = "8 fwd/bwd passes (LoRA training)" if s["which"] == "fwdbwd" else f"initialize, {s['which']!r}"
+            label = "fwd/bwd passes (LoRA training)" if s["which"] == "fwdbwd" else f"initialize, {s['which']!r}"
             passes = f"{s['capture_seconds']:.1f}" if "capture_seconds" in s else "—"
             ratio = f"{s['seconds'] / ref:.2f}x" if ref else "—"
             lines.append(f"| {i} | {label} | {s['seconds']:.1f} | {passes} | {ratio} | "
@@ -554,26 +575,33 @@ def speed_table(speed: dict[str, dict]) -> list[str]:
 
 def arithmetic_table(measured: dict[str, Any]) -> list[str]:
     ar = arithmetic()
+    from peft_loraone.config import LoraOneConfig
+
     opt = default_sketch()
+    opt2 = LoraOneConfig(capture="sketch", sketch_passes=2).capture_options()
     k, ell, t = sketch_dims_of(4096, 4096)
     lines = [f"Sketch at the default `sketch_size` ({opt['size']!r}, one pass: k = {k}, l = 2k+1 = {ell}, t = {t} test "
              "vectors at r=16, k and l clamped to the layer's sides for the narrow k/v projections); bytes = "
-             "4·(p·(k+t) + l·q), p = max(m, n), q = min(m, n). Dense = 4·m·n (also what `\"weight\"` keeps as its sum).\n",
+             "4·(p·(k+t) + l·q), p = max(m, n), q = min(m, n). Dense = 4·m·n (also what `\"weight\"` keeps as its "
+             "sum).\n",
              f"| model, all linear layers, r=16 | params (float32 bytes) | dense G | sketch {opt['size']!r} (default) "
-             "| sketch '8r' | sketch '4r' | default sketch / dense | default sketch / float32 params "
-             "| default sketch per layer | dense per layer |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| sketch '8r' | sketch '4r' | two passes, default {opt2['size']!r} (% of float32 params) "
+             "| default sketch / dense | default sketch / float32 params "
+             "| default sketch per layer | dense per layer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in ar.items():
         lines.append(f"| {name} | {a['params'] / 1e9:.2f}B ({gb(a['fp32_bytes'])}) | {gb(a['dense_bytes'])} | "
                      f"{gb(a['sketch_bytes'])} | {gb(a['sketch8r_bytes'])} | {gb(a['sketch4r_bytes'])} | "
+                     f"{gb(a['sketch2_bytes'])} ({100 * a['sketch2_bytes'] / a['fp32_bytes']:.1f}%) | "
                      f"{a['sketch_bytes'] / a['dense_bytes']:.3f} | "
                      f"{100 * a['sketch_bytes'] / a['fp32_bytes']:.1f}% | {a['sketch_per_layer'] / MiB:.1f} MiB | "
                      f"{a['dense_per_layer'] / MiB:.0f} MiB |")
     lines.append("")
     tiny = ar["TinyLlama-1.1B shape (measured here)"]
-    for which, key in (("dense", "dense_bytes"), ("sketch", "sketch_bytes")):
+    for which, key in (("dense", "dense_bytes"), ("sketch", "sketch_bytes"), ("sketch2", "sketch2_bytes")):
         if which in measured:
             lines.append(f"- check: {which} bytes reported by initialize at 1.1B {measured[which] / MiB:.1f} MiB, "
-                         f"arithmetic {tiny[key] / MiB:.1f} MiB ({'equal' if measured[which] == tiny[key] else 'differ'})")
+                         f"arithmetic {tiny[key] / MiB:.1f} MiB "
+                         f"({'equal' if measured[which] == tiny[key] else 'differ'})")
     lines.append("")
     return lines
 
@@ -584,8 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant-layers", type=int, default=None, help="layers of the 4-bit model (default: --layers)")
     ap.add_argument("--threads", default="1", help="torch thread counts, the first one for the memory table")
     ap.add_argument("--modes", default=",".join(PIPELINES), help="pipelines on the float32 base")
-    ap.add_argument("--threads2-modes", default="fwdbwd,weight,dense,sketch", help="pipelines rerun at the other thread counts")
-    ap.add_argument("--quant-modes", default="fwdbwd,fwdbwd_base,dense,sketch", help="pipelines on the 4-bit base ('' to skip)")
+    ap.add_argument("--threads2-modes", default="fwdbwd,weight,dense,sketch",
+                    help="pipelines rerun (separate processes) at the other thread counts")
+    ap.add_argument("--quant-modes", default="fwdbwd,fwdbwd_base,dense,sketch",
+                    help="pipelines on the 4-bit base ('' to skip)")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=600.0, help="per child, seconds")
@@ -699,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     if speed:
         lines.append(f"### Speed in one process (float32 base, {args.layers} layers; steps in the order run)\n")
         lines += speed_table(speed)
-    measured = {w: results.get(f"float32/{w}/{threads[0]}", {}).get("accumulator_bytes") for w in ("dense", "sketch")}
+    measured = {w: results.get(f"float32/{w}/{threads[0]}", {}).get("accumulator_bytes")
+                for w in ("dense", "sketch", "sketch2")}
     measured = {k: v for k, v in measured.items() if v}
     lines.append("### Arithmetic for larger models (float32 accumulators)\n")
     lines += arithmetic_table(measured if args.layers == 22 else {})
