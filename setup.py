@@ -27,7 +27,7 @@ class BuildGoEngine(build_ext):
         if not isinstance(ext, GoExtension):
             return super().build_extension(ext)
         dest = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        written = build_engine.build(dest)
+        written = build_engine.build_locked(dest)
         if self.inplace or getattr(self, "editable_mode", False):
             # Editable installs import the package from python/: the whole _engine
             # folder (wrappers and .so) must be there, not only the .so setuptools copies.

@@ -119,7 +119,11 @@ def build(dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for src in (so, out / "bridge.py", out / "go.py"):
-        shutil.copy2(src, dest / src.name)
+        # Copy beside the target, then rename over it: a process that has the old
+        # extension loaded keeps its (unlinked) file instead of reading a half-written one.
+        tmp = dest / f".{src.name}.{os.getpid()}.tmp"
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dest / src.name)
         written.append(dest / src.name)
     init = dest / "__init__.py"
     init.write_text('"""The Go engine built by gopy (generated at install time; never edit or commit)."""\n')
@@ -127,7 +131,22 @@ def build(dest: Path) -> list[Path]:
     return written
 
 
+def build_locked(dest: Path) -> list[Path]:
+    """``build`` under an exclusive lock on ``pyext/_build/.lock``: two builds at once
+    (two shells, or ``pip install`` next to a hand build) would share the gopy output folder."""
+    import fcntl
+
+    lock = ROOT / "pyext" / "_build" / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            return build(dest)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "python" / "peft_loraone" / "_engine"
-    for path in build(target):
+    for path in build_locked(target):
         print(path)
