@@ -38,6 +38,7 @@ def _model(**kwargs):
         ("num_batches", 2.0, r"`num_batches` must be an integer >= 1, got 2.0"),
         ("oversampling", -1, r"`oversampling` must be None or an integer >= 0, got -1"),
         ("power_iters", 1.5, r"`power_iters` must be None or an integer >= 0, got 1.5"),
+        ("power_iters", 1001, r"`power_iters` must be at most 1000 \(the engine's bound"),
         ("tol", 0.0, r"`tol` must be None or a number in \(0, 1\), got 0.0"),
         ("tol", 2, r"`tol` must be None or a number in \(0, 1\), got 2"),
         ("tol", math.nan, r"`tol` must be None or a number in \(0, 1\), got nan"),

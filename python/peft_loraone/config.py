@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Union
 
 from ._peft_hook import LORAONE
 from .errors import LoraOneWarning
+from ._native import MAX_POWER_ITERS as _MAX_POWER_ITERS
 
 __all__ = ["LoraConfig", "LoraOneConfig"]
 
@@ -268,6 +269,11 @@ class LoraOneConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"`{name}` must be None or an integer >= 0, got {value!r}.")
+        if self.power_iters is not None and self.power_iters > _MAX_POWER_ITERS:
+            raise ValueError(
+                f"`power_iters` must be at most {_MAX_POWER_ITERS} (the engine's bound: 2 + 2*{_MAX_POWER_ITERS} "
+                f"passes over G), got {self.power_iters!r}; lower it or rely on `tol` to stop earlier."
+            )
         if self.tol is not None and (not _is_real(self.tol) or not math.isfinite(self.tol) or not 0 < self.tol < 1):
             raise ValueError(f"`tol` must be None or a number in (0, 1), got {self.tol!r}.")
         if self.algorithm not in (None, "krylov", "subspace"):
