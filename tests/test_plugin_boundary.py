@@ -152,3 +152,28 @@ def test_meta_tensor_that_cannot_be_materialized_raises_before_touching_anything
         if not v.is_meta:
             assert torch.equal(v, before[k]), k
     assert model.peft_config["default"].init_lora_weights == "loraone"
+
+
+def test_capture_cancel_stops_queued_engine_jobs():
+    """GradientCapture.cancel (the error path of initialize) asks every job to stop before waiting for it, so an
+    error does not wait for SVDs that would run for seconds: a 2000-pass job ends in well under its run time."""
+    import time
+    import types
+
+    from peft_loraone import CancelledError, engine
+    from peft_loraone._capture import GradientCapture
+
+    g = torch.randn(1500, 1500)
+    jobs = [engine.submit_lora_one(g, 4, tol=0.0, power_iters=1000) for _ in range(2)]
+    capture = object.__new__(GradientCapture)
+    capture._accumulators = {}
+    capture.targets = [types.SimpleNamespace(job=jobs[0], stale_jobs=[jobs[1]])]
+    t0 = time.perf_counter()
+    capture.cancel()
+    elapsed = time.perf_counter() - t0
+    assert capture.targets[0].job is None and capture.targets[0].stale_jobs == []
+    for job in jobs:
+        assert job.done()
+        with pytest.raises(CancelledError):
+            job.result()
+    assert elapsed < 5.0, f"cancel() took {elapsed:.1f} s: the jobs ran instead of being cancelled"

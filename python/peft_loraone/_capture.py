@@ -925,9 +925,19 @@ class GradientCapture:
         return missing
 
     def cancel(self) -> None:
-        """Wait for (and drop) every job; used on error so no engine work outlives the call."""
+        """Cancel, wait for and drop every job; used on error so no engine work outlives the call.
+
+        Every job is asked to stop first (the engine checks between passes), then each is waited for, so an
+        error during the batches does not wait for the SVDs already queued to run to their end."""
         for acc in self._accumulators.values():
             acc.clear()
+        for t in self.targets:
+            for job in [*t.stale_jobs, t.job]:
+                if job is not None:
+                    try:
+                        job.cancel()
+                    except Exception:  # noqa: BLE001 - the first error is already propagating
+                        pass
         for t in self.targets:
             for job in [*t.stale_jobs, t.job]:
                 if job is not None:
