@@ -8,6 +8,7 @@ tool (
 )
 
 require (
+	github.com/DataDog/zstd v1.5.7
 	github.com/go-python/gopy v0.5.0
 	gonum.org/v1/gonum v0.17.0
 )
