@@ -738,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e", dest="e2e", action="store_true", default=None, help="run the end-to-end part")
     ap.add_argument("--no-e2e", dest="e2e", action="store_false")
     ap.add_argument("--no-real", action="store_true", help="skip the real MiniLM gradients")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated substrings: run only the SVD-stage cases whose name contains one "
+                         "(e.g. '1024x1024,768x3072,MiniLM'); seeds stay those of the full list")
     ap.add_argument("--_e2e-child", dest="e2e_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_e2e-layers", dest="e2e_layers", type=int, default=12, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -780,13 +783,19 @@ def main(argv: list[str] | None = None) -> int:
     gemm_best = max(gemm["torch_mkl_gflops"], gemm["numpy_openblas_gflops"], *kern.values())
     meta["roofline rate (best measured float32 GEMM)"] = f"{gemm_best:.1f} GFLOP/s"
 
+    only = [w for w in (args.only or "").split(",") if w]
+
+    def wanted(name: str) -> bool:
+        return not only or any(w in name for w in only)
+
     cases: list[tuple[Case, list[int]]] = []
     seed = 1
     for shape in mode.shapes:
         for kind in mode.spectra_override.get(shape, mode.spectra):
-            cases.append((synthetic(*shape, kind, seed), mode.rank_override.get(shape, mode.ranks)))
+            if wanted(f"{shape[0]}x{shape[1]} {kind}"):
+                cases.append((synthetic(*shape, kind, seed), mode.rank_override.get(shape, mode.ranks)))
             seed += 1
-    if mode.real and not args.no_real:
+    if mode.real and not args.no_real and wanted("MiniLM"):
         try:
             for c in real_gradients():
                 cases.append((c, mode.ranks))

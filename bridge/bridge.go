@@ -57,7 +57,10 @@ type request struct {
 //	b     the m×r output for lora_B (float32 or float64, writable)
 //	a     the r×n output for lora_A (float32 or float64, writable)
 //	s     a float64 vector for the singular values (r, or 2r for LoRA-GA)
-//	info  a float64 vector of length 3: accuracy, passes over G, converged (0/1)
+//	info  a float64 vector of length 3: accuracy, passes over G, converged (0/1);
+//	      of length 6 or more, also the truncation: gap ratio σ_{r+1}/σ_r,
+//	      ambiguous (0/1), residual excess (−1: not computed; see
+//	      loraone.SVD.GapRatio, Ambiguous, ResidualExcess)
 //
 // method is MethodLoRAOne, MethodLoRAGA or MethodPiSSA; scale is gamma for the
 // first two and the LoRA scaling for PiSSA. oversampling, maxIters and tol
@@ -186,6 +189,14 @@ func (req *request) run() (float64, error) {
 	req.info[2] = 0
 	if res.Converged {
 		req.info[2] = 1
+	}
+	if len(req.info) >= 6 {
+		req.info[3] = res.GapRatio
+		req.info[4] = 0
+		if res.Ambiguous {
+			req.info[4] = 1
+		}
+		req.info[5] = res.ResidualExcess
 	}
 	return res.Accuracy, nil
 }

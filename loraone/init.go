@@ -15,6 +15,11 @@ type Result struct {
 	Accuracy  float64 // SVD.Accuracy of the underlying RandSVD
 	Passes    int     // SVD.Passes
 	Converged bool    // SVD.Converged
+	// GapRatio, Ambiguous and ResidualExcess describe the rank-r
+	// truncation (SVD.GapRatio, SVD.Ambiguous, SVD.ResidualExcess).
+	GapRatio       float64
+	Ambiguous      bool
+	ResidualExcess float64
 }
 
 // writeFactors sets column j of b to U[:, uOff+j]·fb(j) and row j of a to
@@ -75,7 +80,8 @@ func nonFinite(v []float64, f32 bool) (int, bool) {
 }
 
 func result(s *SVD) Result {
-	return Result{S: s.S, Sigma1: s.S[0], Accuracy: s.Accuracy, Passes: s.Passes, Converged: s.Converged}
+	return Result{S: s.S, Sigma1: s.S[0], Accuracy: s.Accuracy, Passes: s.Passes, Converged: s.Converged,
+		GapRatio: s.GapRatio, Ambiguous: s.Ambiguous, ResidualExcess: s.ResidualExcess}
 }
 
 func checkPositive(name string, x float64) error {

@@ -138,6 +138,9 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		}
 		var err error
 		exhausted := false
+		// resValid: the last SVD of T is the G-pass estimate just before
+		// this Gᵀ-pass, whose Ritz residuals the pass reveals.
+		resValid := pass%2 == 0 && estimated && !restart && k.svdQ == k.nq && k.svdP == k.np
 		if pass%2 == 1 {
 			exhausted, err = k.passG(g, prod, pass)
 		} else {
@@ -146,6 +149,17 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		}
 		if err != nil {
 			return nil, err
+		}
+		if resValid && !exhausted && pass > 2 {
+			// Stop on the residuals of the previous estimate (kept: the
+			// bases only grew since), without another SVD of T.
+			if e := k.residualEstimate(); e <= res.Accuracy {
+				res.Passes = pass
+				estimated = true
+				if res.record(res.Change, e, opt.Tol) {
+					break
+				}
+			}
 		}
 		if exhausted {
 			// The current T is exact (G = Q·T·Pᵀ): another pass would
@@ -181,7 +195,44 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		}
 	}
 	k.factors()
+	k.truncation(g, res, opt.Tol)
 	return res.finish(k.est.u, k.est.v, k.sCur)
+}
+
+// truncation sets res.GapRatio, res.Ambiguous and res.ResidualExcess
+// from the last SVD of T (see SVD).
+func (k *krylov) truncation(g Matrix, res *SVD, tol float64) {
+	r := k.r
+	res.ResidualExcess = -1
+	if len(k.sv) <= r || !(k.sv[r-1] > 0) {
+		return
+	}
+	res.GapRatio = k.sv[r] / k.sv[r-1]
+	res.Ambiguous = 1-res.GapRatio < ambiguousGap(max(tol, res.Accuracy))
+	if !res.Ambiguous {
+		return
+	}
+	// In units of θ₁² (no overflow for any finite G).
+	s1 := k.sv[0]
+	g2 := g.frobeniusSq(s1)
+	var top, tail float64
+	for i, x := range k.sv {
+		x /= s1
+		if i < r {
+			top += x * x
+		} else {
+			tail += x * x
+		}
+	}
+	a := max(g2-top, 0) // ‖G − X‖²
+	switch {
+	case a == 0:
+		res.ResidualExcess = 0
+	case tail == 0:
+		res.ResidualExcess = math.Inf(1)
+	default:
+		res.ResidualExcess = max(math.Sqrt(max(a, tail)/tail)-1, 0)
+	}
 }
 
 // krylovGapFloor is the Ritz gap θ_{r+1}/θ_r above which krylovEstimate
@@ -234,6 +285,65 @@ func (k *krylov) ritzGap() float64 {
 		return 1
 	}
 	return k.sv[k.r] / k.sv[k.r-1]
+}
+
+// krylovResidualSafety multiplies the residual estimate
+// (residualEstimate).
+const krylovResidualSafety = 2.0
+
+// residualEstimate estimates the relative error of the estimate of the last
+// SVD of T (made after a G-pass) from its Ritz residuals, which the Gᵀ-pass
+// just made reveals. With T = Ũ Θ Ṽᵀ, u_i = Q·ũ_i and v_i = P·ṽ_i, the
+// G-pass gives G·v_i = θ_i·u_i exactly and the Gᵀ-pass
+//
+//	Gᵀ·u_i = θ_i·v_i + P_new·E·ũ_i[last Q block],   ρ_i = ‖E·ũ_i[last]‖
+//
+// with E = P_newᵀ·Gᵀ·Q_last the new block of T. A residual ρ_i turns
+// v_i towards the singular vectors outside the top r by an angle of about
+// ρ_i·θ_i/(θ_i² − σ_{r+1}²), which moves θ_i·u_i·v_iᵀ by √2·θ_i times
+// that angle; σ_{r+1} is taken as θ_{r+1}. The estimate is
+//
+//	e = krylovResidualSafety·√2·‖(ρ_i·θ_i²/(θ_i² − θ_{r+1}²))_{i<=r}‖ / ‖θ_{1..r}‖
+//
+// (+Inf when θ_r <= θ_{r+1}). Unlike the changes between estimates, it
+// measures the error of the current estimate rather than of the previous
+// one, which saves the last pass and the largest SVD of T where Krylov
+// converges superlinearly (small matrices, gradients of low rank).
+func (k *krylov) residualEstimate() float64 {
+	r, nq := k.r, k.svdQ
+	if len(k.sv) <= r {
+		return math.Inf(1)
+	}
+	ex := k.scaleExp
+	if ex == 1<<20 {
+		ex = 0
+	}
+	th1 := math.Ldexp(k.sv[r], -ex)
+	var num, den float64
+	qw := k.nq - k.qLast
+	wp := k.np - k.pLast
+	for i := 0; i < r; i++ {
+		th := math.Ldexp(k.sv[i], -ex)
+		if !(th > th1) {
+			return math.Inf(1)
+		}
+		var rho2 float64
+		for j := 0; j < wp; j++ {
+			var s float64
+			for l := 0; l < qw; l++ {
+				s += k.t.Data[(k.qLast+l)*k.t.Stride+k.pLast+j] * k.su[(k.qLast+l)*nq+i]
+			}
+			rho2 += s * s
+		}
+		rho2 = math.Ldexp(rho2, -2*ex)
+		f := th * th / ((th - th1) * (th + th1))
+		num += rho2 * f * f
+		den += th * th
+	}
+	if den == 0 {
+		return math.Inf(1)
+	}
+	return krylovResidualSafety * math.Sqrt(2*num/den)
 }
 
 // krylov is the state of one block Krylov call.

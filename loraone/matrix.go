@@ -156,6 +156,43 @@ func (g Matrix) findNonFinite() (i, j int, v float64, ok bool) {
 	return 0, 0, 0, false
 }
 
+// frobeniusSq returns ‖g‖_F² / scale² (scale > 0), summed in float64
+// with g's elements divided by scale, so that it overflows only where the
+// quotient does.
+func (g Matrix) frobeniusSq(scale float64) float64 {
+	rows, cols := storedShape(g.Rows, g.Cols, g.Trans)
+	inv := 1 / scale
+	var s float64
+	switch g.DType {
+	case Float32:
+		for i := 0; i < rows; i++ {
+			var t float64
+			for _, x := range g.F32[i*g.Stride : i*g.Stride+cols] {
+				y := float64(x) * inv
+				t += y * y
+			}
+			s += t
+		}
+	case Float64:
+		for i := 0; i < rows; i++ {
+			var t float64
+			for _, x := range g.F64[i*g.Stride : i*g.Stride+cols] {
+				y := x * inv
+				t += y * y
+			}
+			s += t
+		}
+	default:
+		for i := 0; i < g.Rows; i++ {
+			for j := 0; j < g.Cols; j++ {
+				y := g.at(i, j) * inv
+				s += y * y
+			}
+		}
+	}
+	return s
+}
+
 // maxAbs returns max |g(i,j)| (used only on error paths).
 func (g Matrix) maxAbs() float64 {
 	var m float64

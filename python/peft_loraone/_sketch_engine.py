@@ -43,6 +43,10 @@ __all__ = ["FinishedJob", "SketchFactors", "orthonormalize", "sketch_lora_one", 
 
 #: Least length of the engine's info vector (bridge.SketchInfoLen).
 INFO_LEN = 4
+#: Length allocated: Go writes the first INFO_LEN values; engine._Call.finish, which the sketch call reuses, reads
+#: the dense call's longer info vector (6 values: accuracy, passes, converged, gap ratio, ambiguous, excess), so
+#: the rest stays zero for it to read. The sketch's own numbers are taken from the first INFO_LEN only.
+_INFO_ALLOC = max(INFO_LEN, 6)
 
 
 @dataclass(frozen=True)
@@ -176,10 +180,10 @@ class _SketchCall(_Call):
             import torch
 
             self.S = torch.zeros(rank, dtype=torch.float64)
-            self.info = torch.zeros(INFO_LEN, dtype=torch.float64)
+            self.info = torch.zeros(_INFO_ALLOC, dtype=torch.float64)
         else:
             self.S = np.zeros(rank, dtype=np.float64)
-            self.info = np.zeros(INFO_LEN, dtype=np.float64)
+            self.info = np.zeros(_INFO_ALLOC, dtype=np.float64)
         for name, t in (("S", self.S), ("info", self.info)):
             b, _ = self._borrow(t, name, write=True, own=True)
             addresses[name] = [b.address, b.versioned]

@@ -117,13 +117,25 @@ class Factors:
         A: ``lora_A``, shape (r, n).
         S: the top singular values used, float64, descending (r values; 2r for LoRA-GA).
         sigma1: the largest singular value ``S[0]``.
-        accuracy: relative Frobenius change of the rank-r approximation between the
-            engine's last two estimates (smaller is better; the default target is reached
-            when ``converged``).
+        accuracy: the engine's estimate of the relative Frobenius error of its rank-r
+            approximation against the exact truncation (from the changes between its last
+            estimates, or from the residuals of the last one); the target is reached when
+            ``converged``. No guarantee when ``ambiguous``.
         passes: multiplications of the input (or its transpose) by a block of vectors.
         converged: whether ``accuracy <= tol`` was reached before the iteration cap.
         method: ``"lora_one"``, ``"lora_ga"`` or ``"pissa"``.
         scaling: the LoRA scaling s used for the offset (LoRA-GA, PiSSA), else None.
+        gap_ratio: sigma_(r+1) / sigma_r as the engine saw it (0 when there is no
+            sigma_(r+1), e.g. r = min(m, n)).
+        ambiguous: True when sigma_r and sigma_(r+1) are too close for the rank-r truncation
+            to be unique at the accuracy asked for (relative gap below 10 * max(tol, accuracy),
+            at most 1%). ``accuracy`` (a distance to *the* exact truncation) is then no
+            guarantee: any rank-r choice inside the cluster approximates G as well; read
+            ``residual_excess``.
+        residual_excess: an upper bound of ||G - X||_F / ||G - G_r||_F - 1 for the computed
+            rank-r approximation X (0 = as good as the exact truncation); it stays true when the
+            truncation is not unique. Computed only when ``ambiguous`` (it costs a read of G),
+            else None.
     """
 
     B: Any
@@ -135,6 +147,9 @@ class Factors:
     converged: bool
     method: str
     scaling: float | None = None
+    gap_ratio: float = 0.0
+    ambiguous: bool = False
+    residual_excess: float | None = None
 
     def offset(self) -> Any:
         """The matrix to subtract from W0 so the model's output is unchanged at step 0.
@@ -411,7 +426,7 @@ class _Call:
             self.S = _torch().zeros(nsv, dtype=_torch().float64)
         else:
             self.S = np.zeros(nsv, dtype=np.float64)
-        self.info = np.zeros(3, dtype=np.float64)
+        self.info = np.zeros(6, dtype=np.float64)  # accuracy, passes, converged, gap ratio, ambiguous, excess
 
         addresses: list[Any] = [gb.address, gb.versioned]
         for oname, t in (("out_b", self.B), ("out_a", self.A)):
@@ -598,6 +613,9 @@ class _Call:
             converged=bool(self.info[2]),
             method=_METHOD_NAMES[self.method],
             scaling=self.scaling,
+            gap_ratio=float(self.info[3]),
+            ambiguous=bool(self.info[4]),
+            residual_excess=None if self.info[5] < 0 else float(self.info[5]),
         )
 
     def release(self) -> None:

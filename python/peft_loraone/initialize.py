@@ -807,6 +807,9 @@ def initialize(
                     accumulated_on=str(t.accumulator.device),
                     residual=getattr(factors, "residual", None),
                     sketch_size=getattr(factors, "sketch_size", None),
+                    ambiguous=bool(getattr(factors, "ambiguous", False)),
+                    gap_ratio=float(getattr(factors, "gap_ratio", 0.0)),
+                    residual_excess=getattr(factors, "residual_excess", None),
                 )
             )
     except BaseException:

@@ -40,6 +40,12 @@ class ModuleReport:
         residual: ``"sketch"`` only (else ``None``): the estimated ``||G - [G^]_r||_F / ||G||_F``, which includes
             G's own tail beyond rank r (what no rank-r init captures).
         sketch_size: ``"sketch"`` only: the sketch size k used for the module.
+        ambiguous: True when sigma_r and sigma_(r+1) of G were too close for the rank-``rank`` truncation to be
+            unique at the engine's tolerance (``Factors.ambiguous``): ``accuracy`` is then no guarantee of closeness to
+            one exact truncation (any choice inside the cluster is as good); ``residual_excess`` is the error that
+            stays true.
+        gap_ratio: sigma_(r+1) / sigma_r as the engine saw it (0 when unknown).
+        residual_excess: Upper bound of ``||G - X||_F / ||G - G_r||_F - 1`` (computed when ``ambiguous``; else None).
     """
 
     name: str
@@ -57,6 +63,9 @@ class ModuleReport:
     accumulated_on: str = "cpu"
     residual: Optional[float] = None
     sketch_size: Optional[int] = None
+    ambiguous: bool = False
+    gap_ratio: float = 0.0
+    residual_excess: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -150,7 +159,7 @@ class InitReport:
                 str(m.rank) if m.rank == m.r else f"{m.rank}/{m.r}",
                 f"{m.scaling:.4g}",
                 f"{m.sigma1:.4e}",
-                f"{m.accuracy:.2e}" + ("" if m.converged else "*"),
+                f"{m.accuracy:.2e}" + ("" if m.converged else "*") + ("~" if m.ambiguous else ""),
                 str(m.passes),
                 f"{m.seconds * 1e3:.0f} ms",
                 _bytes(m.accumulator_bytes),
@@ -188,6 +197,16 @@ class InitReport:
             )
         if any(not m.converged for m in self.modules):
             lines.append("* the randomized SVD stopped at its iteration limit before reaching its tolerance")
+        ambiguous = [m for m in self.modules if m.ambiguous]
+        if ambiguous:
+            worst = max((m.residual_excess for m in ambiguous if m.residual_excess is not None), default=None)
+            lines.append(
+                f"~ rank-r truncation not unique ({len(ambiguous)} modules): sigma_r and sigma_(r+1) are closer than the "
+                "tolerance resolves (sigma_(r+1)/sigma_r up to "
+                f"{max(m.gap_ratio for m in ambiguous):.6f}); any rank-r choice inside the cluster is as good; "
+                "residual ||G - X|| / ||G - G_r|| - 1 <= "
+                + (f"{worst:.2e}" if worst is not None else "?")
+            )
         if self.skipped:
             lines.append("kept at PEFT's default init (B = 0):")
             lines += [f"  {s.name} ({s.layer_type}): {s.reason}" for s in self.skipped]
