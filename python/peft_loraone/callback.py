@@ -150,9 +150,11 @@ class LoraOneCallback(TrainerCallback):
       training resumes from a checkpoint (``trainer.train(resume_from_checkpoint=...)``, ``state.global_step > 0``),
       the Trainer has already loaded the trained adapter: nothing is computed, the adapter is only marked as
       initialized (``init_lora_weights=True``).
-    - **Distributed.** Each rank runs ``initialize`` on its own shard of the data. With ``sync_ranks=True``
-      (default) the adapter's factors are then broadcast from rank 0 so that every replica starts identical;
-      sharded (``DTensor``) parameters are left as they are.
+    - **Distributed.** Each rank runs ``initialize`` on its own shard of the data (``torchrun``, ``accelerate
+      launch``); with ``sync_ranks=True`` (default) ``initialize`` computes G as the mean over every rank's batches
+      (sketches all-reduced, or each dense G reduced to one owner rank that decomposes it and broadcasts the
+      factors), so every replica starts from the same adapter: the one a single process would compute on the union
+      of the shards.
     - **Gradient checkpointing.** The gradient pass runs in eval mode by default, where transformers' models do
       not checkpoint; with ``LoraOneConfig(train_mode=True)`` the model's own checkpointing applies (transformers
       5 uses ``use_reentrant=False`` and ``enable_input_require_grads`` by default, which both work).
@@ -168,7 +170,8 @@ class LoraOneCallback(TrainerCallback):
             training dataloader (see :func:`peft_loraone.initialize`).
         adapter_name: The adapter to initialize. ``None``: every adapter whose config says
             ``init_lora_weights="loraone"``.
-        sync_ranks: Under ``torch.distributed``, broadcast the initialized factors from rank 0.
+        sync_ranks: Under ``torch.distributed``, compute G over all ranks' batches (every rank gets the same
+            adapter). ``False``: each rank initializes from its own shard alone (replicas then differ).
 
     Attributes:
         reports: ``{adapter_name: InitReport}`` of the adapters this callback initialized.
@@ -229,6 +232,7 @@ class LoraOneCallback(TrainerCallback):
                 "LoraOneCallback: the Trainer has no training dataloader at on_train_begin; pass the batches with "
                 "LoraOneCallback(data=...)."
             )
+        from ._distributed import local_only
         from .initialize import initialize
 
         random_state = _RandomState(data)
@@ -240,7 +244,11 @@ class LoraOneCallback(TrainerCallback):
             else:
                 batches = data  # a train_step callable
             for name in adapters:
-                report = initialize(model, batches, adapter_name=name, config=config)
+                if self.sync_ranks:
+                    report = initialize(model, batches, adapter_name=name, config=config)
+                else:
+                    with local_only():
+                        report = initialize(model, batches, adapter_name=name, config=config)
                 self.reports[name] = report
                 if getattr(state, "is_world_process_zero", True):
                     logger.info("LoraOneCallback: adapter %r initialized with LoRA-One\n%s", name, report)
@@ -249,8 +257,6 @@ class LoraOneCallback(TrainerCallback):
 
         for name in adapters:
             params = _adapter_params(model, name)
-            if self.sync_ranks:
-                self._broadcast(params)
             self._check_optimizer(kwargs.get("optimizer"), params, name)
 
     # ------------------------------------------------------------------------------------------------------
@@ -294,24 +300,6 @@ class LoraOneCallback(TrainerCallback):
             for _, layer in _all_lora_layers(tuner.model):
                 _peft_hook.clear_pending(layer, name)
             self._marked.add(name)
-
-    @staticmethod
-    def _broadcast(params: list[nn.Parameter]) -> None:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # older torch
-            DTensor = ()  # type: ignore[assignment]
-        plain = [p for p in params if not isinstance(p, DTensor)]
-        if len(plain) < len(params):
-            logger.debug("LoraOneCallback: %d sharded adapter parameters are not broadcast", len(params) - len(plain))
-        with torch.no_grad():
-            for p in plain:
-                dist.broadcast(p.data, src=0)
-        logger.debug("LoraOneCallback: broadcast %d adapter parameters from rank 0", len(plain))
 
     @staticmethod
     def _check_optimizer(optimizer: Any, params: list[nn.Parameter], adapter_name: str) -> None:

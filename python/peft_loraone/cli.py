@@ -176,6 +176,13 @@ def _parser() -> argparse.ArgumentParser:
         default="device",
         help="where G's float32 sums live: the model's device, or host memory (default: %(default)s)",
     )
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        default=None,
+        help="gradient cache directory: the captured G is written there, and a later run with the same model, data "
+        "and capture settings (another --rank, --gamma, --seed) reads it instead of running the batches",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     return p
 
@@ -310,6 +317,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             capture=args.capture,
             accumulate_on=args.accumulate_on,
             sketch_size=args.sketch_size,
+            cache_dir=args.cache,
+            # the batches come from a train_step, which initialize cannot hash: name the data instead
+            cache_key=None if args.cache is None else _data_key(records, task, args),
         ),
     )
     report.samples = len(records)  # train_step batches do not reveal their size; recorded in the provenance
@@ -322,6 +332,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{args.output!r}) (no peft_loraone needed)."
     )
     return 0
+
+
+def _data_key(records: list[dict[str, Any]], task: str, args: argparse.Namespace) -> str:
+    """What identifies the CLI's batches for the gradient cache: the records and how they are batched and scored."""
+    import hashlib
+
+    what = [records, task, args.batch_size, args.max_length, args.num_batches, args.scale]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _mean_pool(hidden: Any, mask: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 import warnings
 from dataclasses import dataclass, field, fields
@@ -125,8 +126,8 @@ class LoraOneConfig:
               the top-r SVD (Tropp, Yurtsever, Udell, Cevher 2017 for one pass; the range finder for two) and reports
               its estimate of the relative error of s·B·A against the exact init (`ModuleReport.accuracy`). Memory
               per target is O((out + in)·k) instead of out·in: at most about 3k/min(out, in) of the dense G in one
-              pass and k·(out + in)/(out·in) in two. The test matrices are drawn from `seed` and the module name (the same on
-              every rank), regenerated for each batch, not stored. Works on quantized bases like `"dense"`.
+              pass and k·(out + in)/(out·in) in two. The test matrices are drawn from `seed` and their shape (the same on
+              every rank), once per shape: the targets of one shape share them. Works on quantized bases like `"dense"`.
         accumulate_on (`str`): Where the float32 sums of G live during the passes. `"device"` (default): on the
             model's device. `"cpu"`: in host memory, each batch's contribution copied there asynchronously
             (pinned buffers), so an accelerator holds at most about one layer's gradient at a time instead of
@@ -149,12 +150,38 @@ class LoraOneConfig:
             3k-4k was no better than 2k + 1.
         sketch_test_vectors (`int`): `capture="sketch"`: t, the Gaussian test vectors of the error estimate
             (Z = G·Omega_t). Default 10; below it the estimate's safety factor grows (1.97 at t = 5).
-        sketch_passes (`int`): `capture="sketch"`: 1 (default) or 2. Two passes replay the same batches (kept from
-            the first pass, so any iterable works, a shuffling DataLoader included; a `train_step` callable cannot
-            be replayed and is refused): the forward/backward passes run twice, and the sketch is more accurate at
-            equal k and holds p·(k + t) + k·q values instead of p·(k + t) + (2k + 1)·q (p = max(out, in),
-            q = min(out, in)). In train mode the
-            replay restores torch's RNG state, so dropout draws the same masks.
+        sketch_passes (`int`, *optional*): `capture="sketch"`: 1, 2, or `None` (default): 2 when `data` is batches,
+            1 for a `train_step` callable. Two passes replay the same batches (kept from the first pass, so any
+            iterable works, a shuffling DataLoader or a one-shot generator included; a `train_step` callable cannot
+            be replayed, and an explicit 2 is refused for it): the forward/backward passes run twice, and the
+            sketch is more accurate at equal k and holds p·(k + t) + k·q values instead of p·(k + t) + (2k + 1)·q
+            (p = max(out, in), q = min(out, in)). In train mode the replay restores torch's RNG state, so dropout
+            draws the same masks. Why two by default: a user picks "sketch" for memory, and at equal accuracy
+            (median error 0.035 at '7r' against 0.032 at '10r' on MiniLM) two passes hold 0.25 of the dense G
+            against 0.44; on a 1.1B Llama (TinyLlama's shape, r=16, all linear) 358 MiB of sketches = 8.5% of the
+            float32 parameter bytes against 648 MiB = 15.4% in one pass (the issue's bound is 10%), for one more
+            forward/backward over the batches (bench/RESULTS.md, "Capture modes at 1.1B parameters").
+        sketch_dense_fallback (`bool`): `capture="sketch"`: a layer whose sketches would hold at least the bytes of
+            its dense G (narrow layers, where k nears min(out, in); a whole sketch always holds more) is captured
+            dense instead: exact, and no larger. Reported per module (`ModuleReport.capture`). Default `True`.
+            Measured: the 4-layer 128-wide Llama of bench/sketch_accuracy.py held 1.42x the dense bytes in one pass
+            at '10r'; at 1.1B (2048 wide) no layer falls back.
+        cache_dir (`str`, *optional*): A directory for the gradient cache. After the gradient pass, what was
+            captured (per target: the float32 mean G, or the sketches) is written there as one
+            `loraone-<key>.safetensors.zst` file (a safetensors file in a zstd frame, written atomically by the Go
+            engine, a CRC-32C per tensor). A later call with the same model (module structure and a fingerprint of
+            the target weights), targets, data (a hash of the batches' tensors: the first `num_batches` batches are
+            drawn from `data` once, up front) and capture settings reads it instead of running the batches, so a
+            new `r`, `gamma`, `seed`, `tol` or SVD setting costs only the SVDs (for sketches: a rank up to the cached
+            sketch size k; the sketch's own seed is part of the key). A mismatch, or a damaged file, recomputes and
+            the report (`InitReport.cache`) says why. `None` (default): no cache.
+        cache_dtype (`str`): `"float32"` (default) or `"bfloat16"`: how a dense G is stored (sketches are always
+            float32). bfloat16 stores dense G in 0.40x the raw float32 bytes (float32: 0.93x) at a relative error
+            of s·B·A against the float32 cache of 2e-4 to 7e-4 (median over modules; max 1.6e-3) on
+            all-MiniLM-L6-v2 and a TinyLlama-shaped Llama (bench/RESULTS.md, "Gradient cache").
+        cache_key (`str`, *optional*): Names the data in the cache key instead of hashing the batches; required
+            with a `train_step` callable (whose batches initialize never sees). The caller vouches that equal keys
+            mean equal data.
     """
 
     gamma: float = field(
@@ -250,12 +277,40 @@ class LoraOneConfig:
             "safety factor is calibrated at t >= 10 and grows below it."
         },
     )
-    sketch_passes: int = field(
-        default=1,
+    sketch_passes: Optional[int] = field(
+        default=None,
         metadata={
             "help": "capture='sketch': 1 (single-pass reconstruction) or 2 (range finder: a second pass over the "
             "same batches, kept from the first; more accurate at equal k and holds k·(out+in) instead of "
-            "k·out + (2k+1)·in). Needs batches, not a train_step callable."
+            "k·out + (2k+1)·in; needs batches, not a train_step callable). None (default): 2 when `data` is "
+            "batches, 1 for a train_step callable."
+        },
+    )
+    sketch_dense_fallback: bool = field(
+        default=True,
+        metadata={
+            "help": "capture='sketch': capture a layer dense (exact) when its sketches would hold at least the bytes "
+            "of its dense G (narrow layers, k near min(out, in)); reported per module as capture 'dense'."
+        },
+    )
+
+    cache_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Directory of the gradient cache: the captured G (or sketches) is written there after the gradient "
+            "pass and read back, instead of running the batches, by a later call with the same model, targets, data "
+            "and capture settings (another r, gamma, seed or tol costs only the SVDs). None: no cache."
+        },
+    )
+    cache_dtype: str = field(
+        default="float32",
+        metadata={"help": "How the gradient cache stores a dense G: 'float32' (default) or 'bfloat16' (half the bytes)."},
+    )
+    cache_key: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Identifies the data in the cache key instead of a hash of the batches; required for a train_step "
+            "callable with cache_dir."
         },
     )
 
@@ -295,8 +350,19 @@ class LoraOneConfig:
             raise ValueError(f"`sketch_rows` must be None or an integer >= 1, got {self.sketch_rows!r}.")
         if not _is_int(self.sketch_test_vectors) or self.sketch_test_vectors < 1:
             raise ValueError(f"`sketch_test_vectors` must be an integer >= 1, got {self.sketch_test_vectors!r}.")
-        if self.sketch_passes not in (1, 2) or isinstance(self.sketch_passes, bool):
-            raise ValueError(f"`sketch_passes` must be 1 or 2, got {self.sketch_passes!r}.")
+        passes = self.sketch_passes
+        if passes is not None and (passes not in (1, 2) or isinstance(passes, bool)):
+            raise ValueError(f"`sketch_passes` must be None (automatic), 1 or 2, got {self.sketch_passes!r}.")
+        if not isinstance(self.sketch_dense_fallback, bool):
+            raise ValueError(f"`sketch_dense_fallback` must be True or False, got {self.sketch_dense_fallback!r}.")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ValueError(f"`cache_dir` must be None or a directory path, got {self.cache_dir!r}.")
+        if self.cache_dir is not None:
+            self.cache_dir = os.fspath(self.cache_dir)
+        if self.cache_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"`cache_dtype` must be 'float32' or 'bfloat16', got {self.cache_dtype!r}.")
+        if self.cache_key is not None and not isinstance(self.cache_key, str):
+            raise ValueError(f"`cache_key` must be None or a string, got {self.cache_key!r}.")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(f"`loss_fn` must be None or a callable loss_fn(output, batch), got {self.loss_fn!r}.")
         if self.gamma < 1:
@@ -324,17 +390,27 @@ class LoraOneConfig:
             "algorithm": self.algorithm,
         }
 
-    def capture_options(self) -> dict[str, Any]:
-        """Keyword arguments of the capture mode's accumulator (``GradientCapture(options=...)``): the sketch's
-        sizes, passes and seed for ``capture="sketch"``, nothing for the other modes."""
+    def resolved_sketch_passes(self, replayable: bool = True) -> int:
+        """``sketch_passes``, with ``None`` resolved: 2 when the batches can be replayed (``data`` is batches, which
+        the first pass keeps), 1 when they cannot (a train_step callable)."""
+        if self.sketch_passes is not None:
+            return int(self.sketch_passes)
+        return 2 if replayable else 1
+
+    def capture_options(self, replayable: bool = True) -> dict[str, Any]:
+        """Keyword arguments of the capture (``GradientCapture(options=...)``): the sketch's sizes, passes, seed and
+        dense fallback for ``capture="sketch"``, nothing for the other modes. ``replayable``: whether ``data`` is
+        batches (not a train_step callable), which decides ``sketch_passes=None``."""
         if self.capture != "sketch":
             return {}
+        passes = self.resolved_sketch_passes(replayable)
         return {
-            "size": DEFAULT_SKETCH_SIZES[self.sketch_passes] if self.sketch_size is None else self.sketch_size,
+            "size": DEFAULT_SKETCH_SIZES[passes] if self.sketch_size is None else self.sketch_size,
             "rows": self.sketch_rows,
             "test_vectors": self.sketch_test_vectors,
-            "passes": self.sketch_passes,
+            "passes": passes,
             "seed": self.seed,
+            "dense_fallback": self.sketch_dense_fallback,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from . import _peft_hook
+from . import _distributed, _peft_hook
 from ._capture import GradientCapture, Target, engine_overlaps_backward
 from ._peft_hook import is_loraone
 from .config import LoraOneConfig
@@ -412,11 +412,11 @@ def _dora_magnitude(t: Target, adapter_name: str) -> torch.Tensor:
 
         base = dequantize_module_weight(t.base).detach()
     else:
-        base = t.weight.detach()
+        base = _distributed.full(t.weight.detach())  # FSDP2: the whole weight of a sharded DTensor
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     w = (base.t() if t.fan_in_fan_out else base).to(dtype)  # Shape: (out_features, in_features)
-    lora_a = layer.lora_A[adapter_name].weight.detach().to(dtype)
-    lora_b = layer.lora_B[adapter_name].weight.detach().to(dtype)
+    lora_a = _distributed.full(layer.lora_A[adapter_name].weight.detach()).to(dtype)
+    lora_b = _distributed.full(layer.lora_B[adapter_name].weight.detach()).to(dtype)
     return torch.linalg.norm(w + t.scaling * (lora_b @ lora_a), dim=1)
 
 
@@ -427,20 +427,20 @@ def _write(done: list[Target], adapter_name: str) -> None:
         a_param = t.layer.lora_A[adapter_name].weight  # Shape: (r, in_features)
         b_param = t.layer.lora_B[adapter_name].weight  # Shape: (out_features, r)
         k = t.rank
-        new_a = a_param.detach().clone()
+        new_a = _distributed.full(a_param.detach()).clone()  # FSDP2 shards (DTensor): written whole, resharded
         new_a[:k].copy_(t.out_a)  # rows beyond min(r, out, in) keep PEFT's Kaiming init
-        new_b = torch.zeros_like(b_param)
+        new_b = torch.zeros(b_param.shape, dtype=b_param.dtype, device=new_a.device)
         new_b[:, :k].copy_(t.out_b)
         staged.append((a_param, new_a, b_param, new_b))
     with torch.no_grad():
         for a_param, new_a, b_param, new_b in staged:
-            a_param.copy_(new_a)
-            b_param.copy_(new_b)
+            a_param.copy_(_distributed.like(a_param, new_a))
+            b_param.copy_(_distributed.like(b_param, new_b))
         for t in done:
             magnitudes = getattr(t.layer, "lora_magnitude_vector", {})
             if adapter_name in magnitudes:
                 dora = magnitudes[adapter_name]
-                dora.weight.copy_(_dora_magnitude(t, adapter_name).to(dora.weight.dtype))
+                dora.weight.copy_(_distributed.like(dora.weight, _dora_magnitude(t, adapter_name).to(dora.weight.dtype)))
                 if hasattr(dora, "_cache_clear"):
                     dora._cache_clear()
 
@@ -587,6 +587,7 @@ def initialize(
         if unknown:
             raise TypeError(f"peft_loraone.initialize got unknown LoraOneConfig field(s) {unknown}.")
         config = dataclasses.replace(config, **config_overrides)
+    model = _distributed.unwrap(model)  # DistributedDataParallel: the pass runs on the module inside
     tuner = _tuner(model)
     if not isinstance(adapter_name, str) or adapter_name not in tuner.peft_config:
         raise ValueError(f"Adapter {adapter_name!r} not found; the model has adapters {sorted(tuner.peft_config)}.")
@@ -703,10 +704,27 @@ def initialize(
             stacklevel=2,
         )
 
+    # ---- gradient cache (cache_dir): the batches are drawn once, hashed, and run from that list on a miss ----
+    cache = None
+    if config.cache_dir is not None:
+        from ._cache import GradientCache, take_batches
+
+        if train_step is not None and config.cache_key is None:
+            raise ValueError(
+                "LoraOneConfig(cache_dir=...) with a train_step callable needs cache_key='...' naming its data: "
+                "initialize never sees the batches a train_step uses, so it cannot hash them."
+            )
+        if train_step is None:
+            data = take_batches(data, config.num_batches)
+        cache = GradientCache.prepare(config, model, targets, data if train_step is None else None,
+                                      targets[0].weight.device)
+
     # ---- gradient pass; on an accelerator the engine starts on each module as soon as its G is final ----
     device = targets[0].weight.device
     samples: Optional[int] = 0 if train_step is None else None
-    overlap = engine_overlaps_backward(device)
+    session = _distributed.Session.current()  # torch.distributed with >1 rank: G over every rank's batches
+    overlap = engine_overlaps_backward(device) and session is None  # the sums are reduced before any job starts
+    _distributed.check_supported(session, model, config.capture)
     logger.debug("LoRA-One: engine %s backward", "overlaps" if overlap else "runs after")
     capture = GradientCapture(
         model,
@@ -717,18 +735,22 @@ def initialize(
         overlap=overlap,
         mode=config.capture,
         accumulate_on=config.accumulate_on,
-        options=config.capture_options(),
+        options=config.capture_options(replayable=train_step is None),
     )
     capture_start = time.perf_counter()
-    with capture:
-        if train_step is not None:
+    with capture, _distributed.guard(session, capture):
+        if cache is not None and cache.entry is not None:  # G (or its sketches) from the cache: no batches run
+            samples = cache.restore(capture)
+        elif train_step is not None:
             steps = _progress(range(config.num_batches), enabled=config.progress, desc="LoRA-One gradient", unit="step")
             for i in steps:
                 capture.begin_batch(last=i == config.num_batches - 1)
                 _call_train_step(train_step, model)
         else:
             bar = _progress(
-                _batches(data, config.num_batches),
+                _batches(data, config.num_batches) if session is None else session.each_batch(
+                    model, _batches(data, config.num_batches)
+                ),
                 enabled=config.progress,
                 total=config.num_batches,
                 desc="LoRA-One gradient",
@@ -747,7 +769,10 @@ def initialize(
                 samples = None if samples is None or size is None else samples + size
                 _loss(model, _to_device(batch, device), config.loss_fn).backward()
             if replay is not None:
-                capture.begin_pass()
+                if session is not None:
+                    session.begin_pass(capture, samples)  # agreement, then pass 1's sketches all-reduced
+                else:
+                    capture.begin_pass()
                 torch.set_rng_state(rng[0])  # the same dropout masks in train mode
                 if rng[1] is not None:
                     torch.cuda.set_rng_state_all(rng[1])
@@ -758,7 +783,7 @@ def initialize(
                 del replay
         if not overlap:
             return_freed_host_memory()  # the SVDs then run in the pages the activations freed
-        no_grad = capture.finish()
+        no_grad = capture.finish() if session is None else session.finish(capture, samples)
     capture_seconds = time.perf_counter() - capture_start
     if capture.batches < config.num_batches and train_step is None:
         warnings.warn(
@@ -837,6 +862,9 @@ def initialize(
             stacklevel=2,
         )
 
+    if cache is not None:
+        cache.store(capture, samples)  # after a pass that ran: what the accumulators hold, for the next call
+
     # ---- write: materialize meta adapters, copy factors, DoRA magnitudes ----
     left = _materialize_all(tuner.model, adapter_name, peft_config)
     if left:  # the dry run said these could be materialized; PEFT changed under us
@@ -856,13 +884,15 @@ def initialize(
         adapter_name=adapter_name,
         modules=modules,
         skipped=skipped,
-        batches=capture.batches,
-        samples=samples,
+        batches=capture.batches if session is None else session.batches,
+        samples=samples if session is None else session.samples,
         config=config.to_dict(),
         capture_seconds=capture_seconds,
         total_seconds=time.perf_counter() - start,
         versions=_versions(),
         accumulator_bytes=sum(acc.nbytes for acc in capture.accumulators),
+        cache=None if cache is None else cache.status(),
+        **({} if session is None else session.report_fields()),
     )
     _remember(model, report)
     return report

@@ -93,6 +93,16 @@ class InitReport:
         versions: Versions of peft_loraone, peft and torch.
         accumulator_bytes: Bytes held by all accumulators together during the passes (a shared one counted once;
             with ``accumulate_on="cpu"`` on an accelerator, the pinned staging buffers come on top).
+        world_size: Ranks of ``torch.distributed`` that computed G together (1: a single process); ``batches`` and
+            ``samples`` then count all ranks' batches.
+        rank: This process's rank.
+        sent_bytes, received_bytes: Bytes this rank sent and received in LoRA-One's collectives (sketches or
+            gradients, factors, the agreement step; textbook volumes of ring all-reduce, reduce and broadcast,
+            see ``peft_loraone._distributed``); 0 for a single process.
+        cache: The gradient cache (``LoraOneConfig.cache_dir``), else ``None``: ``{"used": bool, "path": str,
+            "reason": str, "seconds": float, "bytes": int, "written": bool}``; ``used`` says whether G was read
+            from the cache instead of running the batches, ``reason`` why or why not (a mismatch or a damaged file
+            names what differed), ``written`` whether this call wrote the file.
     """
 
     adapter_name: str
@@ -105,6 +115,11 @@ class InitReport:
     total_seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
     accumulator_bytes: int = 0
+    world_size: int = 1
+    rank: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    cache: Optional[dict[str, Any]] = None
 
     def __getitem__(self, name: str) -> ModuleReport:
         for module in self.modules:
@@ -132,6 +147,11 @@ class InitReport:
             "accumulator_bytes": self.accumulator_bytes,
             "capture_seconds": self.capture_seconds,
             "total_seconds": self.total_seconds,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "sent_bytes": self.sent_bytes,
+            "received_bytes": self.received_bytes,
+            "cache": self.cache,
         }
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -184,9 +204,19 @@ class InitReport:
             f"{'sketches of G' if modes == ['sketch'] else 'G'} accumulated on "
             f"{'/'.join(sorted({m.accumulated_on for m in self.modules})) or '-'}, "
             f"{_bytes(self.accumulator_bytes)} held in all",
-            fmt(header),
-            fmt(tuple("-" * w for w in widths)),
         ]
+        if self.world_size > 1:
+            lines.append(
+                f"torch.distributed: {self.world_size} ranks; rank {self.rank} sent {_bytes(self.sent_bytes)}, "
+                f"received {_bytes(self.received_bytes)}"
+            )
+        if self.cache is not None:
+            c = self.cache
+            lines.append(
+                f"gradient cache: {'read' if c.get('used') else ('written' if c.get('written') else 'not used')} "
+                f"({c.get('reason', '')}) {c.get('path', '')}"
+            )
+        lines += [fmt(header), fmt(tuple("-" * w for w in widths))]
         lines += [fmt(r) for r in rows]
         if sketched:
             estimates = sorted(m.accuracy for m in self.modules if m.capture == "sketch")
