@@ -92,6 +92,39 @@ func TestKrylovResidualStop(t *testing.T) {
 	}
 }
 
+// TestResidualEstimateTight: where the residual estimate stops the
+// iteration (an even pass count), the reported Accuracy must bound the
+// true error against gonum's exact SVD and stay within 4× of it (the
+// estimate with the gap factor θ_i²/(θ_i² − θ_{r+1}²) was 10–65× on such
+// spectra and stopped passes later).
+func TestResidualEstimateTight(t *testing.T) {
+	for _, c := range []struct {
+		seed       uint64
+		m, n, k, r int
+		decay, tol float64
+		passes     int
+	}{
+		{5, 384, 384, 156, 8, 0.96, 1e-3, 10},
+		{5, 384, 384, 156, 16, 0.96, 1e-3, 10},
+		{5, 384, 384, 156, 64, 0.96, 1e-3, 6},
+		{21, 300, 250, 250, 4, 0.99, 5e-3, 14},
+	} {
+		g := synth(c.seed, c.m, c.n, geometric(c.k, 1, c.decay))
+		best := truncate(t, g, c.r)
+		opt := DefaultOptions(c.r)
+		opt.Tol = c.tol
+		res, err := RandSVD(view64(g, 0), opt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := relDiff(lowRank(res.U, res.S, res.V, c.r), best)
+		if res.Passes != c.passes || e > c.tol || res.Accuracy < e || res.Accuracy > 4*e {
+			t.Errorf("%d×%d r=%d decay %g tol %g: passes %d (want %d), accuracy %.3g, true error %.3g",
+				c.m, c.n, c.r, c.decay, c.tol, res.Passes, c.passes, res.Accuracy, e)
+		}
+	}
+}
+
 // TestAmbiguousCluster builds a spectrum whose singular values 5 to 150
 // form one cluster (relative spread 1e-5) and asks for r = 32 inside it:
 // the truncation is not unique. The result must say so (Ambiguous, a gap
