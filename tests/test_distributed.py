@@ -10,6 +10,8 @@ the agreement's timeout). Each rank saves what it got; the checks run in the par
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import socket
 import time
@@ -92,9 +94,9 @@ def _case(case: str, rank: int, world: int, share: list) -> dict:
         peft_loraone.initialize(model, data(), config=_config("dense"))
         return {}
     if case == "timeout":  # rank 0 calls initialize, the others never do
-        os.environ["PEFT_LORAONE_DIST_TIMEOUT"] = "3"
-        if rank == 0:
-            peft_loraone.initialize(model, share, config=_config("dense"))
+        if rank == 0:  # the config's 3 s wins over the environment's 60 s set for every case
+            config = dataclasses.replace(_config("dense"), dist_timeout=3.0)
+            peft_loraone.initialize(model, share, config=config)
         else:
             time.sleep(5)
         return {}
@@ -271,7 +273,7 @@ def test_world_sizes_1_2_3_agree(two_ranks, three_ranks, oracle):
 def test_agreement_timeout_names_the_problem(two_ranks):
     got = two_ranks[0]["timeout"]
     assert got["error"] == "DistributedInitError", got
-    assert "did not complete within 3 s" in got["message"] and "PEFT_LORAONE_DIST_TIMEOUT" in got["message"]
+    assert "did not complete within 3 s" in got["message"] and "LoraOneConfig.dist_timeout" in got["message"]
     assert got["seconds"] < 20
 
 

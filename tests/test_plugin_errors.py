@@ -39,6 +39,7 @@ def _model(**kwargs):
         ("oversampling", -1, r"`oversampling` must be None or an integer >= 0, got -1"),
         ("power_iters", 1.5, r"`power_iters` must be None or an integer >= 0, got 1.5"),
         ("power_iters", 1001, r"`power_iters` must be at most 1000 \(the engine's bound"),
+        ("dist_timeout", 0, r"`dist_timeout` must be None or a positive number of seconds, got 0"),
         ("tol", 0.0, r"`tol` must be None or a number in \(0, 1\), got 0.0"),
         ("tol", 2, r"`tol` must be None or a number in \(0, 1\), got 2"),
         ("tol", math.nan, r"`tol` must be None or a number in \(0, 1\), got nan"),

@@ -25,7 +25,7 @@ integer vector (a failure flag, the rank's batch and sample counts, and which ta
 whose batches raised takes part in it with its flag set, so every rank learns of the failure at the same point,
 gathers the failing ranks' exception messages and raises :class:`DistributedInitError` naming them, instead of
 waiting forever in a collective the failing rank never reaches. The agreement waits at most
-``PEFT_LORAONE_DIST_TIMEOUT`` seconds (environment variable; default: the process group's own timeout, 30 minutes
+``LoraOneConfig.dist_timeout`` seconds (else the ``PEFT_LORAONE_DIST_TIMEOUT`` environment variable; else the process group's own timeout, 30 minutes
 for gloo, 10 for NCCL in PyTorch 2.x) for the other ranks, then raises :class:`DistributedInitError` too.
 
 Bytes: :class:`Traffic` counts what each rank sent and received, by the textbook volume of each collective (what
@@ -242,13 +242,13 @@ class Session:
         batches, samples: The global batch and sample counts, known after the first agreement step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: Optional[float] = None) -> None:
         import torch.distributed as dist
 
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.traffic = Traffic()
-        self.timeout = _timeout_from_env()
+        self.timeout = datetime.timedelta(seconds=timeout) if timeout is not None else _timeout_from_env()
         self.batches = 0
         self.samples: Optional[int] = None
         self._device = torch.device("cpu")
@@ -258,14 +258,14 @@ class Session:
             self._device = torch.device("cuda", torch.cuda.current_device())
 
     @staticmethod
-    def current() -> Optional[Session]:
+    def current(timeout: Optional[float] = None) -> Optional[Session]:
         """A session when ``torch.distributed`` is initialized with more than one rank (and not inside
         :func:`local_only`), else None."""
         import torch.distributed as dist
 
         if _LOCAL.get() or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return None
-        return Session()
+        return Session(timeout)
 
     def report_fields(self) -> dict[str, int]:
         """The :class:`~peft_loraone.InitReport` fields of a distributed run."""
@@ -288,7 +288,7 @@ class Session:
             self._collective_failed = True
             limit = "the process group's timeout"
             if self.timeout is not None:
-                limit = f"{self.timeout.total_seconds():g} s ({TIMEOUT_ENV})"
+                limit = f"{self.timeout.total_seconds():g} s (LoraOneConfig.dist_timeout or {TIMEOUT_ENV})"
             raise DistributedInitError(
                 f"peft_loraone.initialize on rank {self.rank} of {self.world}: {what} did not complete within {limit}: "
                 "another rank did not reach it (it crashed, hangs, or does not call initialize with the same model "

@@ -182,6 +182,10 @@ class LoraOneConfig:
         cache_key (`str`, *optional*): Names the data in the cache key instead of hashing the batches; required
             with a `train_step` callable (whose batches initialize never sees). The caller vouches that equal keys
             mean equal data.
+        dist_timeout (`float`, *optional*): Under `torch.distributed`: seconds a rank waits in the agreement step
+            (after its batches, and before each batch under FSDP) for the other ranks before it raises
+            `DistributedInitError` instead of hanging. `None`: the `PEFT_LORAONE_DIST_TIMEOUT` environment
+            variable if set, else the process group's own timeout (30 minutes by default).
     """
 
     gamma: float = field(
@@ -313,6 +317,13 @@ class LoraOneConfig:
             "callable with cache_dir."
         },
     )
+    dist_timeout: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "torch.distributed: seconds to wait for the other ranks in the agreement step before raising "
+            "DistributedInitError; None: PEFT_LORAONE_DIST_TIMEOUT if set, else the process group's timeout."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not _is_real(self.gamma) or not math.isfinite(self.gamma) or self.gamma <= 0:
@@ -363,6 +374,10 @@ class LoraOneConfig:
             raise ValueError(f"`cache_dtype` must be 'float32' or 'bfloat16', got {self.cache_dtype!r}.")
         if self.cache_key is not None and not isinstance(self.cache_key, str):
             raise ValueError(f"`cache_key` must be None or a string, got {self.cache_key!r}.")
+        if self.dist_timeout is not None and (
+            not _is_real(self.dist_timeout) or not math.isfinite(self.dist_timeout) or self.dist_timeout <= 0
+        ):
+            raise ValueError(f"`dist_timeout` must be None or a positive number of seconds, got {self.dist_timeout!r}.")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(f"`loss_fn` must be None or a callable loss_fn(output, batch), got {self.loss_fn!r}.")
         if self.gamma < 1:

@@ -722,7 +722,7 @@ def initialize(
     # ---- gradient pass; on an accelerator the engine starts on each module as soon as its G is final ----
     device = targets[0].weight.device
     samples: Optional[int] = 0 if train_step is None else None
-    session = _distributed.Session.current()  # torch.distributed with >1 rank: G over every rank's batches
+    session = _distributed.Session.current(config.dist_timeout)  # torch.distributed with >1 rank: G over every rank's batches
     overlap = engine_overlaps_backward(device) and session is None  # the sums are reduced before any job starts
     _distributed.check_supported(session, model, config.capture)
     logger.debug("LoRA-One: engine %s backward", "overlaps" if overlap else "runs after")
