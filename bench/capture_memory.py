@@ -64,6 +64,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import reset_hwm, vm  # noqa: E402  (bench/run.py: the same /proc peak-memory reading)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
              vocab_size=32000, max_position_embeddings=256)
@@ -89,27 +92,6 @@ def uptime() -> str:
 
 
 # ----------------------------------------------------------------------------------------------- memory
-
-
-def vm() -> dict[str, float]:
-    """VmRSS, VmHWM, RssAnon, RssFile in MiB."""
-    vals = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
-                key, val = line.split(":", 1)
-                vals[key] = int(val.split()[0]) / 1024
-    return vals
-
-
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    now = vm()
-    return now["VmHWM"] <= now["VmRSS"] + 1.0  # the mark is back at the current RSS
 
 
 def trim() -> None:

@@ -113,6 +113,28 @@ def log(msg: str) -> None:
 SETTLE_S = 0.2
 
 
+def vm() -> dict[str, float]:
+    """This process's VmRSS, VmHWM, RssAnon and RssFile from /proc/self/status, in MiB (Linux)."""
+    vals = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
+                key, val = line.split(":", 1)
+                vals[key] = int(val.split()[0]) / 1024
+    return vals
+
+
+def reset_hwm() -> bool:
+    """Reset the peak-RSS mark (VmHWM) to the current RSS; False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    now = vm()
+    return now["VmHWM"] <= now["VmRSS"] + 1.0  # reset worked: the mark is back at the current RSS
+
+
 def best_time(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
     """Best wall time of ``reps`` calls. Waits SETTLE_S first, so that the thread pools of the
     previous peer (OpenBLAS, OpenMP) have stopped spinning and do not steal this peer's cores."""
@@ -428,24 +450,6 @@ def _e2e_child(which: str, layers: int, samples: int = 8, seq: int = 64) -> None
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    def vm() -> dict[str, float]:  # MB
-        vals = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key, val = line.split(":", 1)
-                    vals[key] = int(val.split()[0]) / 1024
-        return vals
-
-    def reset_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return False
-        now = vm()
-        return now["VmHWM"] <= now["VmRSS"] + 1.0  # reset worked: the mark is back at the current RSS
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=layers, num_attention_heads=12,
