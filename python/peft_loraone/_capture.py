@@ -1031,20 +1031,14 @@ class GradientCapture:
         error during the batches does not wait for the SVDs already queued to run to their end."""
         for acc in self._accumulators.values():
             acc.clear()
+        jobs = [job for t in self.targets for job in (*t.stale_jobs, t.job) if job is not None]
+        for stop in ("cancel", "result"):  # ask every job to stop, then wait for each
+            for job in jobs:
+                try:
+                    getattr(job, stop)()
+                except Exception:  # noqa: BLE001 - the first error is already propagating
+                    pass
         for t in self.targets:
-            for job in [*t.stale_jobs, t.job]:
-                if job is not None:
-                    try:
-                        job.cancel()
-                    except Exception:  # noqa: BLE001 - the first error is already propagating
-                        pass
-        for t in self.targets:
-            for job in [*t.stale_jobs, t.job]:
-                if job is not None:
-                    try:
-                        job.result()
-                    except Exception:  # noqa: BLE001 - the first error is already propagating
-                        pass
             t.job, t.stale_jobs = None, []
 
     def drain_stale(self) -> None:
