@@ -147,8 +147,7 @@ def run_case(label: str, base, batches, loss_fn, targets, capture: str, tmp: str
 def llama_big(layers: int, batches: int = 8, batch_size: int = 8):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from peft_loraone.cli import _builtin_records
-    from sketch_accuracy import _tokenizer_and_path
+    from sketch_accuracy import _tokenizer_and_path, causal_lm_batches
 
     tok, _ = _tokenizer_and_path()
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
@@ -156,12 +155,7 @@ def llama_big(layers: int, batches: int = 8, batch_size: int = 8):
                       tie_word_embeddings=False)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(cfg).eval()
-    records = _builtin_records()[: batches * batch_size]
-    out = []
-    for i in range(0, len(records), batch_size):
-        enc = dict(tok([r["text"] for r in records[i : i + batch_size]], padding=True, return_tensors="pt"))
-        enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        out.append(enc)
+    out = causal_lm_batches(tok, batches, batch_size)
     target = r".*layers\.\d+\.(self_attn|mlp)\.\w+_proj"
     return base, out, None, target
 

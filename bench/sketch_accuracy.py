@@ -59,6 +59,19 @@ def _tokenizer_and_path():
     return AutoTokenizer.from_pretrained(path), path
 
 
+def causal_lm_batches(tok, batches: int, batch_size: int) -> list[dict]:
+    """The built-in sentences as causal-LM batches: input_ids, attention_mask, labels (padding masked to -100)."""
+    from peft_loraone.cli import _builtin_records
+
+    records = _builtin_records()[: batches * batch_size]
+    out = []
+    for i in range(0, len(records), batch_size):
+        enc = dict(tok([r["text"] for r in records[i : i + batch_size]], padding=True, return_tensors="pt"))
+        enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        out.append(enc)
+    return out
+
+
 def minilm_case(batches: int = 8, batch_size: int = 8):
     """(base model, batches, loss_fn, lora target regex): the CLI's similarity loss with the texts and the label
     descriptions in one forward call per batch (padding is masked, so the embeddings are those of separate calls)."""
@@ -96,8 +109,6 @@ def llama_case(hidden: int = 128, layers: int = 4, batches: int = 8, batch_size:
     on the built-in sentences."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from peft_loraone.cli import _builtin_records
-
     tok, _ = _tokenizer_and_path()
     cfg = LlamaConfig(
         vocab_size=tok.vocab_size,
@@ -111,12 +122,7 @@ def llama_case(hidden: int = 128, layers: int = 4, batches: int = 8, batch_size:
     )
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(cfg).eval()
-    records = _builtin_records()[: batches * batch_size]
-    out = []
-    for i in range(0, len(records), batch_size):
-        enc = dict(tok([r["text"] for r in records[i : i + batch_size]], padding=True, return_tensors="pt"))
-        enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        out.append(enc)
+    out = causal_lm_batches(tok, batches, batch_size)
     return base, out, None, "all-linear"
 
 
