@@ -72,10 +72,13 @@ func TestKrylovToleranceShapes(t *testing.T) {
 // TestKrylovResidualStop checks that the residual stop saves passes where
 // Krylov converges superlinearly: on a rank-156 "gradient" at r = 64
 // (σ₆₅/σ₆₄ = 0.96, like all-MiniLM-L6-v2's 384×384 query gradient) asked
-// for 1e-2, the changes between estimates say 0.9 after pass 3 and 0.034
-// after pass 5 (they measure the previous estimate's error), while the
-// residuals revealed by pass 6 say 2.5e-3: the iteration stops after pass
-// 6 instead of 7, at a true error within the tolerance.
+// for 1e-2, the changes between estimates say 0.9 after pass 3 (they
+// measure the previous estimate's error), while the residuals of the
+// pass-3 estimate, revealed by pass 4, put it within krylovNear·tol: the
+// SVD of T is then made after that Gᵀ-pass too, and the residuals of that
+// estimate, revealed by pass 5, stop the iteration there (7 passes with
+// the change alone, 6 with the residuals of G-pass estimates only), at a
+// true error within the tolerance.
 func TestKrylovResidualStop(t *testing.T) {
 	g := synth(5, 384, 384, geometric(156, 1, 0.96))
 	best := truncate(t, g, 64)
@@ -87,16 +90,17 @@ func TestKrylovResidualStop(t *testing.T) {
 	}
 	e := relDiff(lowRank(res.U, res.S, res.V, 64), best)
 	t.Logf("passes %d, accuracy %.3g, true error %.3g", res.Passes, res.Accuracy, e)
-	if res.Passes != 6 || e > opt.Tol || res.Accuracy < e {
+	if res.Passes != 5 || e > opt.Tol || res.Accuracy < e {
 		t.Errorf("passes %d, accuracy %.3g, true error %.3g", res.Passes, res.Accuracy, e)
 	}
 }
 
 // TestResidualEstimateTight: where the residual estimate stops the
-// iteration (an even pass count), the reported Accuracy must bound the
-// true error against gonum's exact SVD and stay within 4× of it (the
-// estimate with the gap factor θ_i²/(θ_i² − θ_{r+1}²) was 10–65× on such
-// spectra and stopped passes later).
+// iteration (after a Gᵀ-pass, or after a G-pass for the estimate of the
+// Gᵀ-pass before it), the reported Accuracy must bound the true error
+// against gonum's exact SVD and stay within 5× of it (4.3× at r = 16, a
+// G-pass stop; the estimate with the gap factor θ_i²/(θ_i² − θ_{r+1}²) was
+// 10–65× on such spectra and stopped passes later).
 func TestResidualEstimateTight(t *testing.T) {
 	for _, c := range []struct {
 		seed       uint64
@@ -104,10 +108,10 @@ func TestResidualEstimateTight(t *testing.T) {
 		decay, tol float64
 		passes     int
 	}{
-		{5, 384, 384, 156, 8, 0.96, 1e-3, 10},
-		{5, 384, 384, 156, 16, 0.96, 1e-3, 10},
+		{5, 384, 384, 156, 8, 0.96, 1e-3, 9},
+		{5, 384, 384, 156, 16, 0.96, 1e-3, 9},
 		{5, 384, 384, 156, 64, 0.96, 1e-3, 6},
-		{21, 300, 250, 250, 4, 0.99, 5e-3, 14},
+		{21, 300, 250, 250, 4, 0.99, 5e-3, 12},
 	} {
 		g := synth(c.seed, c.m, c.n, geometric(c.k, 1, c.decay))
 		best := truncate(t, g, c.r)
@@ -118,7 +122,7 @@ func TestResidualEstimateTight(t *testing.T) {
 			t.Fatal(err)
 		}
 		e := relDiff(lowRank(res.U, res.S, res.V, c.r), best)
-		if res.Passes != c.passes || e > c.tol || res.Accuracy < e || res.Accuracy > 4*e {
+		if res.Passes != c.passes || e > c.tol || res.Accuracy < e || res.Accuracy > 5*e {
 			t.Errorf("%d×%d r=%d decay %g tol %g: passes %d (want %d), accuracy %.3g, true error %.3g",
 				c.m, c.n, c.r, c.decay, c.tol, res.Passes, c.passes, res.Accuracy, e)
 		}
