@@ -88,6 +88,9 @@ func withBLAS(opt *loraone.Options) {
 		if lib.HasDgesdd() {
 			opt.Gesdd = lib.Dgesdd
 		}
+		if lib.HasDsyevd() {
+			opt.Syevd = lib.Dsyevd
+		}
 		opt.Threads = lib.Threads()
 	}
 }

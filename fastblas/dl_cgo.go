@@ -28,6 +28,9 @@ typedef int64_t (*dgesdd64_t)(int, char, int64_t, int64_t, double*, int64_t,
 	double*, double*, int64_t, double*, int64_t);
 typedef int32_t (*dgesdd32_t)(int, char, int32_t, int32_t, double*, int32_t,
 	double*, double*, int32_t, double*, int32_t);
+// LAPACKE_dsyevd (row-major C interface).
+typedef int64_t (*dsyevd64_t)(int, char, char, int64_t, double*, int64_t, double*);
+typedef int32_t (*dsyevd32_t)(int, char, char, int32_t, double*, int32_t, double*);
 
 static void fb_sgemm(void* f, int ilp64, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha,
 	const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -53,6 +56,13 @@ static int64_t fb_dgesdd(void* f, int ilp64, char jobz, int64_t m, int64_t n, do
 		return ((dgesdd64_t)f)(101, jobz, m, n, a, lda, s, u, ldu, vt, ldvt);
 	}
 	return ((dgesdd32_t)f)(101, jobz, (int32_t)m, (int32_t)n, a, (int32_t)lda, s, u, (int32_t)ldu, vt, (int32_t)ldvt);
+}
+
+static int64_t fb_dsyevd(void* f, int ilp64, int64_t n, double* a, int64_t lda, double* w) {
+	if (ilp64) {
+		return ((dsyevd64_t)f)(101, 'V', 'U', n, a, lda, w);
+	}
+	return ((dsyevd32_t)f)(101, 'V', 'U', (int32_t)n, a, (int32_t)lda, w);
 }
 
 static void fb_set_threads(void* f, int n) {
@@ -140,6 +150,13 @@ func callDgesdd(f unsafe.Pointer, ilp64 bool, m, n int, a *float64, lda int,
 	return int(C.fb_dgesdd(f, cBool(ilp64), 'S', C.int64_t(m), C.int64_t(n), (*C.double)(unsafe.Pointer(a)), C.int64_t(lda),
 		(*C.double)(unsafe.Pointer(s)), (*C.double)(unsafe.Pointer(u)), C.int64_t(ldu),
 		(*C.double)(unsafe.Pointer(vt)), C.int64_t(ldvt)))
+}
+
+// callDsyevd calls the row-major LAPACKE dsyevd at f with jobz 'V' (the
+// eigenvectors too) and uplo 'U', and returns its info (0 on success).
+func callDsyevd(f unsafe.Pointer, ilp64 bool, n int, a *float64, lda int, w *float64) int {
+	return int(C.fb_dsyevd(f, cBool(ilp64), C.int64_t(n), (*C.double)(unsafe.Pointer(a)), C.int64_t(lda),
+		(*C.double)(unsafe.Pointer(w))))
 }
 
 func callSetThreads(f unsafe.Pointer, n int) {

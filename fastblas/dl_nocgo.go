@@ -26,6 +26,10 @@ func callDgesdd(unsafe.Pointer, bool, int, int, *float64, int, *float64, *float6
 	panic("fastblas: no cgo")
 }
 
+func callDsyevd(unsafe.Pointer, bool, int, *float64, int, *float64) int {
+	panic("fastblas: no cgo")
+}
+
 func callSetThreads(unsafe.Pointer, int) { panic("fastblas: no cgo") }
 
 func callGetThreads(unsafe.Pointer) int { panic("fastblas: no cgo") }

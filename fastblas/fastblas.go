@@ -20,6 +20,7 @@ type flavour struct {
 	setThreads, getThreads string
 	config                 string
 	gesdd                  string // LAPACKE_dgesdd, optional
+	syevd                  string // LAPACKE_dsyevd, optional
 	ilp64                  bool
 }
 
@@ -28,13 +29,13 @@ type flavour struct {
 // (LP64) and an OpenBLAS built with INTERFACE64 and the 64_ suffix.
 var flavours = []flavour{
 	{"scipy-openblas64 (ILP64)", "scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_",
-		"scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_", "scipy_openblas_get_config64_", "scipy_LAPACKE_dgesdd64_", true},
+		"scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_", "scipy_openblas_get_config64_", "scipy_LAPACKE_dgesdd64_", "scipy_LAPACKE_dsyevd64_", true},
 	{"scipy-openblas32 (LP64)", "scipy_cblas_sgemm", "scipy_cblas_dgemm",
-		"scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads", "scipy_openblas_get_config", "scipy_LAPACKE_dgesdd", false},
+		"scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads", "scipy_openblas_get_config", "scipy_LAPACKE_dgesdd", "scipy_LAPACKE_dsyevd", false},
 	{"OpenBLAS (LP64)", "cblas_sgemm", "cblas_dgemm",
-		"openblas_set_num_threads", "openblas_get_num_threads", "openblas_get_config", "LAPACKE_dgesdd", false},
+		"openblas_set_num_threads", "openblas_get_num_threads", "openblas_get_config", "LAPACKE_dgesdd", "LAPACKE_dsyevd", false},
 	{"OpenBLAS (ILP64, 64_ suffix)", "cblas_sgemm64_", "cblas_dgemm64_",
-		"openblas_set_num_threads64_", "openblas_get_num_threads64_", "openblas_get_config64_", "LAPACKE_dgesdd64_", true},
+		"openblas_set_num_threads64_", "openblas_get_num_threads64_", "openblas_get_config64_", "LAPACKE_dgesdd64_", "LAPACKE_dsyevd64_", true},
 }
 
 // Lib is a loaded CBLAS library. Its methods are safe for concurrent use
@@ -45,6 +46,7 @@ type Lib struct {
 	sgemm, dgemm           unsafe.Pointer
 	setThreads, getThreads unsafe.Pointer
 	gesdd                  unsafe.Pointer // nil: the library has no LAPACKE
+	syevd                  unsafe.Pointer // nil: the library has no LAPACKE
 	config                 string
 }
 
@@ -75,7 +77,7 @@ func Open(path string) (*Lib, error) {
 		}
 		l := &Lib{path: path, flavour: f, sgemm: s, dgemm: d,
 			setThreads: dlSym(h, f.setThreads), getThreads: dlSym(h, f.getThreads),
-			gesdd: dlSym(h, f.gesdd)}
+			gesdd: dlSym(h, f.gesdd), syevd: dlSym(h, f.syevd)}
 		if c := dlSym(h, f.config); c != nil {
 			l.config = strings.TrimSpace(callGetConfig(c))
 		}
@@ -206,6 +208,36 @@ func (l *Lib) Dgesdd(m, n int, a []float64, lda int, s, u []float64, ldu int, vt
 		return false
 	}
 	return callDgesdd(l.gesdd, l.flavour.ilp64, m, n, &a[0], lda, &s[0], &u[0], ldu, &vt[0], ldvt) == 0
+}
+
+// HasDsyevd reports whether the library exports LAPACKE_dsyevd.
+func (l *Lib) HasDsyevd() bool { return l.syevd != nil }
+
+// Dsyevd computes all eigenvalues and eigenvectors of the symmetric n×n
+// row-major matrix a (its upper triangle is read) with LAPACK's
+// divide-and-conquer dsyevd (jobz 'V'): w gets the eigenvalues in
+// ascending order, and a is overwritten with the orthonormal eigenvectors,
+// column j (a[i*lda+j], i < n) belonging to w[j]. It reports false when the
+// library has no dsyevd or the iteration failed to converge; a and w are
+// then undefined. It panics on short slices or strides, before calling C.
+// Its contract is loraone.Syevd's.
+func (l *Lib) Dsyevd(n int, a []float64, lda int, w []float64) bool {
+	if n < 0 || lda < max(1, n) {
+		panic("fastblas: bad Dsyevd dimension or stride")
+	}
+	if !l.flavour.ilp64 && (n > maxInt32 || lda > maxInt32) {
+		panic("fastblas: dimension exceeds the 32-bit integers of this library")
+	}
+	if n == 0 {
+		return true
+	}
+	if len(a) < (n-1)*lda+n || len(w) < n {
+		panic("fastblas: short Dsyevd slice")
+	}
+	if l.syevd == nil {
+		return false
+	}
+	return callDsyevd(l.syevd, l.flavour.ilp64, n, &a[0], lda, &w[0]) == 0
 }
 
 func scale32(m, n int, beta float32, c []float32, ldc int) {

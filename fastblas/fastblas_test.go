@@ -342,6 +342,77 @@ func TestDgesdd(t *testing.T) {
 	l.Dgesdd(3, 3, make([]float64, 8), 3, make([]float64, 3), make([]float64, 9), 3, make([]float64, 9), 3)
 }
 
+// TestDsyevd checks the symmetric eigendecomposition against gonum's on
+// matrices of several sizes with padded strides, only the upper triangle
+// set (the lower one holds NaN, which dsyevd must not read): equal
+// eigenvalues (ascending), orthonormal eigenvectors, and A·v = λ·v.
+func TestDsyevd(t *testing.T) {
+	l := openOrSkip(t)
+	if !l.HasDsyevd() {
+		t.Skip("library without LAPACKE_dsyevd")
+	}
+	rng := rand.New(rand.NewPCG(5, 6))
+	for _, n := range []int{1, 2, 7, 40, 130} {
+		lda := n + 3
+		sym := mat.NewSymDense(n, nil)
+		a := make([]float64, (n-1)*lda+n)
+		for i := 0; i < n; i++ {
+			for j := 0; j < n; j++ {
+				switch {
+				case j >= i:
+					x := rng.NormFloat64()
+					sym.SetSym(i, j, x)
+					a[i*lda+j] = x
+				default:
+					a[i*lda+j] = math.NaN()
+				}
+			}
+		}
+		w := make([]float64, n)
+		if !l.Dsyevd(n, a, lda, w) {
+			t.Fatalf("n=%d: Dsyevd failed", n)
+		}
+		var ref mat.EigenSym
+		if !ref.Factorize(sym, false) {
+			t.Fatal("gonum EigenSym failed")
+		}
+		for i, want := range ref.Values(nil) {
+			if math.Abs(w[i]-want) > 1e-12*float64(n) {
+				t.Errorf("n=%d: w[%d] = %v, want %v", n, i, w[i], want)
+			}
+		}
+		for j := 0; j < n; j++ {
+			for k := 0; k <= j; k++ {
+				var d float64
+				for i := 0; i < n; i++ {
+					d += a[i*lda+j] * a[i*lda+k]
+				}
+				if k == j {
+					d--
+				}
+				if math.Abs(d) > 1e-12*float64(n) {
+					t.Fatalf("n=%d: eigenvectors %d, %d: vᵀv off by %g", n, j, k, d)
+				}
+			}
+			for i := 0; i < n; i++ {
+				var x float64
+				for p := 0; p < n; p++ {
+					x += sym.At(i, p) * a[p*lda+j]
+				}
+				if d := math.Abs(x - w[j]*a[i*lda+j]); d > 1e-11*float64(n) {
+					t.Fatalf("n=%d: (A v - λ v)[%d] of %d off by %g", n, i, j, d)
+				}
+			}
+		}
+	}
+	defer func() {
+		if r := recover(); r != "fastblas: short Dsyevd slice" {
+			t.Errorf("short slice: panic %v", r)
+		}
+	}()
+	l.Dsyevd(3, make([]float64, 8), 3, make([]float64, 3))
+}
+
 // denseOf copies the m×n matrix stored with row stride ld.
 func denseOf(a []float64, m, n, ld int) []float64 {
 	out := make([]float64, 0, m*n)

@@ -16,13 +16,14 @@ type kernels struct {
 	s       Gemm32
 	d       Gemm64
 	svd     Gesdd
+	eig     Syevd
 	simd    bool       // Options.SIMD on a CPU that has the kernels
 	threads int        // Options.Threads, at least 1
 	ws      *Workspace // Options.Workspace (nil: allocate)
 }
 
 func newKernels(opt Options) kernels {
-	return kernels{s: opt.Sgemm, d: opt.Dgemm, svd: opt.Gesdd, simd: opt.SIMD && simd.Available(),
+	return kernels{s: opt.Sgemm, d: opt.Dgemm, svd: opt.Gesdd, eig: opt.Syevd, simd: opt.SIMD && simd.Available(),
 		threads: max(opt.Threads, 1), ws: opt.Workspace}
 }
 

@@ -178,7 +178,7 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 			// The current T is exact (G = Q·T·Pᵀ): another pass would
 			// not change its SVD.
 			if !estimated {
-				if err := k.estimate(); err != nil {
+				if err := k.estimate(true); err != nil {
 					return nil, err
 				}
 			}
@@ -197,11 +197,11 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		if !est {
 			continue
 		}
-		if err := k.estimate(); err != nil {
+		// A thick restart follows a G-pass estimate once Q is full; it
+		// needs the whole SVD of T.
+		restart = pass%2 == 1 && k.nq+b > capQ && capQ == krylovCap(b)
+		if err := k.estimate(restart); err != nil {
 			return nil, err
-		}
-		if pass%2 == 1 && k.nq+b > capQ && capQ == krylovCap(b) {
-			restart = true
 		}
 		if pass == 1 {
 			continue
@@ -418,6 +418,7 @@ type krylov struct {
 	rng          *rand.Rand
 
 	ts, su, svt []float64 // SVD of T: copy of T, Ũ (nq×nq), Ṽᵀ (np×np)
+	gram, lam   []float64 // gramSVD: T·Tᵀ, then its eigenvectors; eigenvalues
 	sv, sw      []float64
 	svdQ, svdP  int // nq, np of the last SVD
 	tau, work   []float64
@@ -763,8 +764,10 @@ func (k *krylov) passGT(g Matrix, prod *product, pass int, restart bool) (bool, 
 
 // estimate computes the SVD of T and the coordinates of the rank-r
 // estimate in the bases (Ũ_r, Ṽ_r), keeping the previous ones for
-// change(); factors() forms U and V.
-func (k *krylov) estimate() error {
+// change(); factors() forms U and V. Unless full is set (a thick restart
+// needs all of Ũ and Ṽ orthonormal), it factors T through T·Tᵀ
+// (gramSVD) where it can.
+func (k *krylov) estimate(full bool) error {
 	nq, np, r := k.nq, k.np, k.r
 	e := k.est
 	grow := func(s []float64, n int) []float64 {
@@ -784,8 +787,10 @@ func (k *krylov) estimate() error {
 	ts := blas64.General{Rows: nq, Cols: np, Stride: np, Data: k.ts}
 	su := blas64.General{Rows: nq, Cols: mn, Stride: nq, Data: k.su}   // thin Ũ, row stride nq
 	svt := blas64.General{Rows: mn, Cols: np, Stride: np, Data: k.svt} // thin Ṽᵀ
-	if !k.kn.thinSVD(ts, k.sv, su, svt, &k.sw) {
-		return fmt.Errorf("loraone: %d×%d projected SVD did not converge: %w", nq, np, ErrNonFinite)
+	if full || !k.gramSVD(ts, su, svt) {
+		if !k.kn.thinSVD(ts, k.sv, su, svt, &k.sw) {
+			return fmt.Errorf("loraone: %d×%d projected SVD did not converge: %w", nq, np, ErrNonFinite)
+		}
 	}
 	k.svdQ, k.svdP = nq, np
 	for _, x := range k.sv {
@@ -827,6 +832,63 @@ func (k *krylov) estimate() error {
 	}
 	e.s = k.sScaled
 	return nil
+}
+
+// gramMinRatio is the smallest θ_r/θ₁ for which gramSVD factors T through
+// T·Tᵀ: its eigenvalues carry an absolute error of about ε·θ₁², so θ_i
+// and ṽ_i = Tᵀ·ũ_i/θ_i keep a relative error of about ε·(θ₁/θ_i)², at most
+// 1e-8 for the top r here.
+const gramMinRatio = 1e-4
+
+// gramSVD factors the nq×np matrix ts (nq <= np; not modified) through the
+// eigendecomposition of ts·tsᵀ = Ũ·Θ²·Ũᵀ with the injected Syevd:
+// k.sv = Θ (descending), su = Ũ and svt = Θ⁻¹·Ũᵀ·ts (rows of a zero θ are
+// left as Ũᵀ·ts). Only the leading r rows of svt are orthonormal to the
+// accuracy of an SVD; the rest serve no consumer but a thick restart,
+// which estimate keeps on the SVD. It reports false, with nothing
+// written that the SVD would not overwrite, when no Syevd is injected,
+// nq > np, θ_r < gramMinRatio·θ₁ (a rank-deficient T), or Syevd fails.
+func (k *krylov) gramSVD(ts, su, svt blas64.General) bool {
+	nq, np, r := ts.Rows, ts.Cols, k.r
+	if k.kn.eig == nil || nq > np || nq < r {
+		return false
+	}
+	if len(k.gram) < nq*nq {
+		k.gram = make([]float64, nq*nq)
+	}
+	if len(k.lam) < nq {
+		k.lam = make([]float64, nq)
+	}
+	gram := blas64.General{Rows: nq, Cols: nq, Stride: nq, Data: k.gram[:nq*nq]}
+	lam := k.lam[:nq]
+	k.kn.gemm64(blas.NoTrans, blas.Trans, 1, ts, ts, 0, gram)
+	if !k.kn.eig(nq, gram.Data, nq, lam) {
+		return false
+	}
+	top := lam[nq-1]
+	if !(top > 0) || !(lam[nq-r] >= gramMinRatio*gramMinRatio*top) || math.IsInf(top, 0) {
+		return false
+	}
+	for i := 0; i < nq; i++ {
+		k.sv[i] = math.Sqrt(max(lam[nq-1-i], 0))
+	}
+	for row := 0; row < nq; row++ {
+		src := gram.Data[row*nq : (row+1)*nq]
+		dst := su.Data[row*su.Stride : row*su.Stride+nq]
+		for i := range dst {
+			dst[i] = src[nq-1-i]
+		}
+	}
+	k.kn.gemm64(blas.Trans, blas.NoTrans, 1, su, ts, 0, svt)
+	for i := 0; i < nq; i++ {
+		if s := k.sv[i]; s > 0 {
+			row := svt.Data[i*svt.Stride : i*svt.Stride+np]
+			for j := range row {
+				row[j] /= s
+			}
+		}
+	}
+	return true
 }
 
 // change returns the relative Frobenius change between the current and

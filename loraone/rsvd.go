@@ -44,14 +44,23 @@ type Options struct {
 	// of every estimate (the k×k triangle, or block Krylov's projected
 	// matrix). nil means gonum. See Gesdd for the contract.
 	Gesdd Gesdd
+	// Syevd, if not nil, lets block Krylov factor its projected matrix T
+	// (nq×np, nq <= np) through the eigendecomposition of T·Tᵀ instead of
+	// an SVD of T (half the time of LAPACK's dgesdd at the sizes of small
+	// gradients), wherever the top r singular values are within 10⁴ of σ₁
+	// and no thick restart follows (it needs all of Ṽ orthonormal). nil
+	// means the SVD always. See Syevd for the contract.
+	Syevd Syevd
 	// Krylov, if true (DefaultOptions' choice), replaces the subspace
 	// iteration by block Lanczos bidiagonalization (block Krylov: block
 	// size b = max(r, 16), full re-orthogonalization, thick restart once
 	// the basis exceeds min(8b, max(256, 4b)) columns). Same contract,
 	// Seed determinism, Tol and MaxIters cap, with its own error estimate
-	// (krylovEstimate); Oversampling is not used. An estimate is made after every pass with G, and after a pass
-	// with Gᵀ while the small SVD costs well under a pass (always with an
-	// injected Gesdd, at the sizes measured). Once the basis spans all of
+	// (krylovEstimate); Oversampling is not used. An estimate is made
+	// after every pass with G, and after a pass with Gᵀ while the small
+	// SVD costs well under a pass or the tolerance is near (krylovNear);
+	// the next pass's Ritz residuals may stop the iteration on it
+	// (residualEstimate). Once the basis spans all of
 	// Rᵐ or Rⁿ the estimate is exact and the iteration stops with
 	// Accuracy 0. The zero value (false) is the subspace iteration.
 	Krylov bool
@@ -124,6 +133,14 @@ type Gemm64 func(tA, tB blas.Transpose, m, n, k int, alpha float64, a []float64,
 // fastblas package's Lib.Dgesdd (LAPACK's dgesdd from a run-time loaded
 // OpenBLAS) is one.
 type Gesdd func(m, n int, a []float64, lda int, s, u []float64, ldu int, vt []float64, ldvt int) bool
+
+// Syevd is an injectable eigendecomposition of the symmetric row-major n×n
+// float64 matrix a (its upper triangle is read): w gets the eigenvalues in
+// ascending order and a the orthonormal eigenvectors, column j
+// (a[i*lda+j]) belonging to w[j]. It reports false if it failed; a and w
+// are then undefined. It must be safe for concurrent use and keep no
+// reference to the slices. The fastblas package's Lib.Dsyevd is one.
+type Syevd func(n int, a []float64, lda int, w []float64) bool
 
 // DefaultOptions returns the documented defaults for rank r:
 //
