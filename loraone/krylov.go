@@ -41,7 +41,7 @@ func krylovBlock(r, m, n int, opt Options) int {
 // 1536×384, 384×1536; r = 8, 16, 64) against the exact SVD, the Gᵀ-pass
 // estimate was 6.8–86× more accurate than the G-pass estimate before it
 // once that one's error was below 4e-2 (1.7–10× before), and the residual
-// estimate of a G-pass estimate was 1.5–2× its true error; 50 instead of
+// estimate of a G-pass estimate was 1.6–2.7× its true error; 50 instead of
 // 30 saved a pass on two MiniLM r = 64 rows but added one on flat spectra
 // at r = 16 (the extra estimate changes the change-based extrapolation),
 // with no gain in time.
