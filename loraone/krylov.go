@@ -198,7 +198,8 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		// the next G-pass then reveals this estimate's residuals, and near
 		// convergence a Gᵀ-pass estimate is far more accurate than the
 		// G-pass one before it (krylovNear).
-		est := pass%2 == 1 || cheap || resEst <= krylovNear*opt.Tol
+		side := pass%2 == 0 && !cheap && resEst <= krylovNear*opt.Tol
+		est := pass%2 == 1 || cheap || side
 		estimated = est
 		if !est {
 			continue
@@ -206,8 +207,26 @@ func krylovSVD(g Matrix, r int, opt Options) (*SVD, error) {
 		// A thick restart follows a G-pass estimate once Q is full; it
 		// needs the whole SVD of T.
 		restart = pass%2 == 1 && k.nq+b > capQ && capQ == krylovCap(b)
+		afterSide := k.side
+		if afterSide {
+			k.keepMain()
+		}
 		if err := k.estimate(restart); err != nil {
 			return nil, err
+		}
+		if afterSide {
+			k.restoreMain()
+		}
+		if side {
+			// A side estimate: only its residuals, revealed by the next
+			// G-pass, may stop on it. Its change would span one pass where
+			// the changes before it span two (no Gᵀ-pass estimates
+			// between), and the extrapolation in krylovEstimate would take
+			// the shorter step for a faster rate (64×64 gradient, r = 2:
+			// an estimate of 3.5e-5 for a true error of 6.1e-5); the next
+			// estimate's change is measured against the one before it.
+			k.side = true
+			continue
 		}
 		if pass == 1 {
 			continue
@@ -441,8 +460,12 @@ type krylov struct {
 	// coordinates padded with zero rows stay valid; a restart rewrites
 	// the current ones (the restarted bases begin with the estimate).
 	cu, cv, pcu, pcv []float64
-	norm0            []float64
-	norm1            []float64
+	// side: the last estimate was a side estimate (after a Gᵀ-pass, made
+	// only for its residuals); keepCu, keepCv, keepS: keepMain's copies.
+	side                  bool
+	keepCu, keepCv, keepS []float64
+	norm0                 []float64
+	norm1                 []float64
 }
 
 // growCols returns a with room for at least c columns (doubling, at most
@@ -895,6 +918,24 @@ func (k *krylov) gramSVD(ts, su, svt blas64.General) bool {
 		}
 	}
 	return true
+}
+
+// keepMain saves the previous estimate's coordinates and scaled singular
+// values before an estimate that follows a side estimate (k.side): the
+// estimate about to be made moves the side estimate into their place.
+func (k *krylov) keepMain() {
+	k.keepCu = append(k.keepCu[:0], k.pcu...)
+	k.keepCv = append(k.keepCv[:0], k.pcv...)
+	k.keepS = append(k.keepS[:0], k.est.ps...)
+}
+
+// restoreMain puts back what keepMain saved, so that change() compares the
+// new estimate with the last estimate that was not a side estimate.
+func (k *krylov) restoreMain() {
+	k.pcu = append(k.pcu[:0], k.keepCu...)
+	k.pcv = append(k.pcv[:0], k.keepCv...)
+	copy(k.est.ps, k.keepS)
+	k.side = false
 }
 
 // change returns the relative Frobenius change between the current and

@@ -179,9 +179,9 @@ func TestKrylovResidualStop(t *testing.T) {
 // TestResidualEstimateTight: where the residual estimate stops the
 // iteration (after a Gᵀ-pass, or after a G-pass for the estimate of the
 // Gᵀ-pass before it), the reported Accuracy must bound the true error
-// against gonum's exact SVD and stay within 5× of it (4.3× at r = 16, a
-// G-pass stop; the estimate with the gap factor θ_i²/(θ_i² − θ_{r+1}²) was
-// 10–65× on such spectra and stopped passes later).
+// against gonum's exact SVD and stay within 4× of it (the estimate with
+// the gap factor θ_i²/(θ_i² − θ_{r+1}²) was 10–65× on such spectra and
+// stopped passes later).
 func TestResidualEstimateTight(t *testing.T) {
 	for _, c := range []struct {
 		seed       uint64
@@ -190,9 +190,9 @@ func TestResidualEstimateTight(t *testing.T) {
 		passes     int
 	}{
 		{5, 384, 384, 156, 8, 0.96, 1e-3, 9},
-		{5, 384, 384, 156, 16, 0.96, 1e-3, 9},
+		{5, 384, 384, 156, 16, 0.96, 1e-3, 10},
 		{5, 384, 384, 156, 64, 0.96, 1e-3, 6},
-		{21, 300, 250, 250, 4, 0.99, 5e-3, 12},
+		{21, 300, 250, 250, 4, 0.99, 5e-3, 14},
 	} {
 		g := synth(c.seed, c.m, c.n, geometric(c.k, 1, c.decay))
 		best := truncate(t, g, c.r)
@@ -203,7 +203,7 @@ func TestResidualEstimateTight(t *testing.T) {
 			t.Fatal(err)
 		}
 		e := relDiff(lowRank(res.U, res.S, res.V, c.r), best)
-		if res.Passes != c.passes || e > c.tol || res.Accuracy < e || res.Accuracy > 5*e {
+		if res.Passes != c.passes || e > c.tol || res.Accuracy < e || res.Accuracy > 4*e {
 			t.Errorf("%d×%d r=%d decay %g tol %g: passes %d (want %d), accuracy %.3g, true error %.3g",
 				c.m, c.n, c.r, c.decay, c.tol, res.Passes, c.passes, res.Accuracy, e)
 		}
@@ -280,6 +280,33 @@ func TestAmbiguousCluster(t *testing.T) {
 			}
 			if !(res.ResidualExcess >= excess-slack) || res.ResidualExcess > 0.5 {
 				t.Errorf("%s f32=%v: ResidualExcess %.4g, true excess %.4g", c.name, f32, res.ResidualExcess, excess)
+			}
+		}
+	}
+}
+
+// TestSideEstimateKeepsTheChangeHonest: on a 64×64 gradient (the spectrum
+// of a tiny Llama's q_proj gradient, r = 2, block 16) the residuals after
+// pass 6 put the pass-5 estimate within krylovNear·tol, so a side estimate
+// is made after that Gᵀ-pass. When its one-pass change entered the
+// extrapolation after two-pass changes, the iteration stopped there with
+// Accuracy 3.5e-5 for a true error of 6.1e-5 (the plugin's dense fallback
+// test caught it); the reported Accuracy must bound the true error.
+func TestSideEstimateKeepsTheChangeHonest(t *testing.T) {
+	s := []float64{1.0, 0.796763, 0.702472, 0.649206, 0.618066, 0.558421, 0.51017, 0.493981, 0.448728, 0.390211, 0.374509, 0.352985, 0.331958, 0.31289, 0.296795, 0.294528, 0.277778, 0.257355, 0.242842, 0.221728, 0.208481, 0.19563, 0.186349, 0.181354, 0.170703, 0.162468, 0.155669, 0.142539, 0.136575, 0.119512, 0.116659, 0.110418, 0.103747, 0.101124, 0.090031, 0.083125, 0.079862, 0.075326, 0.070426, 0.063337, 0.056851, 0.055337, 0.051771, 0.049148, 0.042926, 0.041207, 0.03861, 0.033125, 0.031928, 0.030048, 0.025608, 0.024031, 0.022571, 0.019225, 0.018948, 0.015289, 0.012338, 0.011029, 0.008682, 0.006974, 0.005882, 0.004069, 0.002647, 0.000381}
+	for _, seed := range []uint64{1, 2, 3, 4, 5, 6} {
+		g := synth(seed, 64, 64, s)
+		best := truncate(t, g, 2)
+		for _, tol := range []float64{1e-3, 1e-4} {
+			opt := DefaultOptions(2)
+			opt.Tol = tol
+			res, err := RandSVD(view64(g, 0), opt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := relDiff(lowRank(res.U, res.S, res.V, 2), best)
+			if e > tol || (e > 1e-9 && res.Accuracy < e) {
+				t.Errorf("seed %d tol %g: passes %d, accuracy %.3g, true error %.3g", seed, tol, res.Passes, res.Accuracy, e)
 			}
 		}
 	}
