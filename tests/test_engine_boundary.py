@@ -487,6 +487,9 @@ def ctrl_c_runs() -> str:
     ``Job.result()``, then during a synchronous lora_one and pissa call."""
     return ok(run_py("""
         import os, signal, threading, time, torch, peft_loraone
+        # A suite started in the background by a non-interactive shell inherits SIGINT ignored (SIG_IGN), and
+        # Python then installs no KeyboardInterrupt handler: install it, as an interactive session has it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         job = peft_loraone.submit_lora_one(torch.randn(1200, 1200), 8, tol=0, power_iters=300, algorithm="subspace")
         sent = []
         def interrupt():
