@@ -85,7 +85,8 @@ def import_then_fork() -> str:
     from a process that only imported the package loads its own engine (as DataLoader workers do), and so does
     the parent afterwards."""
     return ok(run_py("""
-        import os, sys, time, torch, peft_loraone
+        import os, sys, torch, peft_loraone
+        from forkwait import wait_child
         from peft_loraone import _native
         print("loaded", _native.loaded(), any("goengine" in m for m in sys.modules), flush=True)
         pid = os.fork()
@@ -93,13 +94,7 @@ def import_then_fork() -> str:
             f = peft_loraone.lora_one(torch.randn(40, 30), 3)
             print("child ok", f.B.shape, flush=True)
             os._exit(0)
-        for _ in range(600):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, 9); print("child hung"); sys.exit(1)
+        status = wait_child(pid)
         print("status", status, "parent ok", peft_loraone.lora_one(torch.randn(40, 30), 3).B.shape)
         peft_loraone.lora_one(torch.randn(8, 6), 2)
         print("after use", _native.loaded())
@@ -116,6 +111,7 @@ def test_child_forked_after_import_only_works(import_then_fork):
 
 FORK_CHILD_CHECKS = """
     import os, sys, time, torch, peft_loraone
+    from forkwait import wait_child
     from peft_loraone import ForkedProcessError
     g = torch.randn(300, 200)
     peft_loraone.lora_one(g, 4)                      # the parent has used the engine
@@ -142,15 +138,7 @@ FORK_CHILD_CHECKS = """
                     failures.append(name + ": " + str(exc))
         print("child failures", failures, flush=True)
         {exit}
-    for _ in range(600):
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(pid, 9)
-        print("child hung")
-        sys.exit(1)
+    status = wait_child(pid)
     print("child status", status)
     pending.result()
     print("parent still works", peft_loraone.lora_one(g, 4).B.shape)
@@ -177,6 +165,7 @@ def forks_after_engine_use() -> str:
         import multiprocessing as mp, os, sys, time, torch, peft_loraone
         from torch.utils.data import DataLoader
         from peft import LoraConfig, get_peft_model
+        from forkwait import wait_child
         from plugin_models import MLP, mlp_batches
 
         def work(seed):
@@ -209,13 +198,7 @@ def forks_after_engine_use() -> str:
                 except peft_loraone.ForkedProcessError:
                     print("child ForkedProcessError", flush=True)
                 os._exit(0)
-            for _ in range(600):
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                time.sleep(0.1)
-            else:
-                os.kill(pid, 9); print("child hung"); sys.exit(1)
+            wait_child(pid)
     """, timeout=240))
 
 
