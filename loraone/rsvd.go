@@ -47,9 +47,10 @@ type Options struct {
 	// Syevd, if not nil, lets block Krylov factor its projected matrix T
 	// (nq×np, nq <= np) through the eigendecomposition of T·Tᵀ instead of
 	// an SVD of T (half the time of LAPACK's dgesdd at the sizes of small
-	// gradients), wherever the top r singular values are within 10⁴ of σ₁
-	// and no thick restart follows (it needs all of Ṽ orthonormal). nil
-	// means the SVD always. See Syevd for the contract.
+	// gradients), wherever the top r singular values are within 10⁴ of σ₁,
+	// or, before a thick restart, the Ritz values it keeps within 10² of
+	// σ₁ (they become the restarted bases). nil means the SVD always. See
+	// Syevd for the contract.
 	Syevd Syevd
 	// Krylov, if true (DefaultOptions' choice), replaces the subspace
 	// iteration by block Lanczos bidiagonalization (block Krylov: block

@@ -5,6 +5,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"gonum.org/v1/gonum/blas/blas64"
 	"gonum.org/v1/gonum/mat"
 )
 
@@ -94,11 +95,10 @@ func checkOrthonormal(t *testing.T, name string, u *mat.Dense, tol float64) {
 // to the SVD still give the exact truncation with orthonormal factors: a G
 // of rank 3 asked for r = 8 (θ_r/θ₁ below gramMinRatio: Ṽ from T·Tᵀ would
 // be noise there; with the ratio check removed V is off by 2e-2), and a
-// long run with thick restarts, whose estimates before a restart stay on
-// the SVD (a restart keeps Ritz vectors beyond r; that guard is defensive:
-// a restart needs more than the cap of significant directions, so those
-// Ritz values were never tiny in the runs tried, and the Gram estimates
-// between restarts are exercised here).
+// long run with thick restarts whose estimates before a restart go through
+// T·Tᵀ too (the Ritz vectors a restart keeps, beyond r, become the new
+// bases: checked orthonormal and exact at the end). TestGramSVDNeed checks
+// the guard for the Ritz vectors a restart keeps.
 func TestGramSVDFallbacks(t *testing.T) {
 	var calls atomic.Int64
 	t.Run("rank-deficient", func(t *testing.T) {
@@ -119,17 +119,27 @@ func TestGramSVDFallbacks(t *testing.T) {
 		const r = 2
 		g := synth(21, 400, 300, geometric(300, 1, 0.995))
 		opt := Options{Rank: r, MaxIters: 60, Tol: 1e-9, Krylov: true, SIMD: true, Threads: 2}
-		opt.Syevd = gonumSyevd(&calls)
-		before := calls.Load()
+		b := krylovBlock(r, 400, 300, opt)
+		capQ := krylovCap(b)
+		// Only the estimate before a restart factors a T with nq = capQ rows
+		// (the restart follows once nq + b > capQ).
+		var atCap atomic.Int64
+		eig := gonumSyevd(&calls)
+		opt.Syevd = func(n int, a []float64, lda int, w []float64) bool {
+			if n == capQ {
+				atCap.Add(1)
+			}
+			return eig(n, a, lda, w)
+		}
 		res, err := RandSVD(view64(g, 0), opt)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if b := krylovBlock(r, 400, 300, opt); res.Passes <= 2*krylovCap(b)/b {
+		if res.Passes <= 2*capQ/b {
 			t.Errorf("%d passes: no restart exercised", res.Passes)
 		}
-		if calls.Load() == before {
-			t.Error("the injected Syevd was never called")
+		if atCap.Load() == 0 {
+			t.Error("no restart estimate went through T·Tᵀ")
 		}
 		if d := relDiff(lowRank(res.U, res.S, res.V, r), truncate(t, g, r)); d > 1e-6 || !res.Converged {
 			t.Errorf("off the exact [G]_r by %.3g (converged %v)", d, res.Converged)
@@ -298,5 +308,65 @@ func TestSideEstimateKeepsTheChangeHonest(t *testing.T) {
 				t.Errorf("seed %d tol %g: passes %d, accuracy %.3g, true error %.3g", seed, tol, res.Passes, res.Accuracy, e)
 			}
 		}
+	}
+}
+
+// TestGramSVDNeed: gramSVD factors a 24×40 T through T·Tᵀ only where its
+// leading need singular values are within 1/ratio of θ₁ (the top r for an
+// estimate, gramMinRatio; the restartKeep vectors of a thick restart,
+// gramRestartRatio), and then its Θ, Ũ and the leading need rows of Ṽᵀ
+// match the exact SVD of T (gonum's Dgesvd) up to the signs of the pairs.
+func TestGramSVDNeed(t *testing.T) {
+	const nq, np = 24, 40
+	for _, c := range []struct {
+		name   string
+		s      []float64
+		need   int
+		ratio  float64
+		ok     bool
+		maxErr float64
+	}{
+		{"estimate, decaying", geometric(nq, 1, 0.6), 4, gramMinRatio, true, 1e-13},
+		{"estimate, tail below 1e-4", geometric(nq, 1, 0.2), 8, gramMinRatio, false, 0},
+		{"restart, kept within 1e-2", geometric(nq, 1, 0.8), 16, gramRestartRatio, true, 1e-12},
+		{"restart, kept below 1e-2", geometric(nq, 1, 0.6), 16, gramRestartRatio, false, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			tm := synth(5, nq, np, c.s)
+			var calls atomic.Int64
+			k := &krylov{r: 4, kn: kernels{eig: gonumSyevd(&calls), threads: 1}}
+			k.sv = make([]float64, nq)
+			ts := blas64.General{Rows: nq, Cols: np, Stride: np, Data: append([]float64(nil), tm.RawMatrix().Data...)}
+			su := blas64.General{Rows: nq, Cols: nq, Stride: nq, Data: make([]float64, nq*nq)}
+			svt := blas64.General{Rows: nq, Cols: np, Stride: np, Data: make([]float64, nq*np)}
+			if got := k.gramSVD(ts, su, svt, c.need, c.ratio); got != c.ok {
+				t.Fatalf("gramSVD = %v, want %v (θ_need/θ₁ = %.2g, ratio %g)", got, c.ok, c.s[c.need-1]/c.s[0], c.ratio)
+			}
+			if !c.ok {
+				return
+			}
+			u, v, s := exact(t, tm)
+			var e float64
+			for i := 0; i < c.need; i++ {
+				e = math.Max(e, math.Abs(k.sv[i]-s[i])/s[0])
+				sign := 1.0 // the pair's sign: ũ_i·u_i
+				var dot float64
+				for l := 0; l < nq; l++ {
+					dot += su.Data[l*nq+i] * u.At(l, i)
+				}
+				if dot < 0 {
+					sign = -1
+				}
+				for l := 0; l < nq; l++ {
+					e = math.Max(e, math.Abs(sign*su.Data[l*nq+i]-u.At(l, i)))
+				}
+				for j := 0; j < np; j++ {
+					e = math.Max(e, math.Abs(sign*svt.Data[i*np+j]-v.At(j, i)))
+				}
+			}
+			if e > c.maxErr {
+				t.Errorf("off the exact SVD by %.3g (want <= %g)", e, c.maxErr)
+			}
+		})
 	}
 }
