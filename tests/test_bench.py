@@ -44,7 +44,7 @@ def test_bench_tiny_runs(tmp_path, restore_threads):
     bench = _load_bench()
     assert bench.main(["--tiny", "--out", str(tmp_path), "--no-e2e", "--no-real"]) == 0
     tables = (tmp_path / "tables.md").read_text()
-    for heading in ("## Machine and versions", "## SVD stage", "## Boundary costs"):
+    for heading in ("## Machine and versions", "## SVD stage", "## Boundary costs", "| GEMM work torch/ours |"):
         assert heading in tables
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["svd"], "no SVD rows"
@@ -70,3 +70,16 @@ def test_rel_error_matches_dense(kind):
         a = a + scale * rng.standard_normal(a.shape)
         dense = np.linalg.norm(b @ a - t) / np.linalg.norm(t)
         assert bench.rel_error(b, a, case, r) == pytest.approx(dense, rel=1e-6, abs=1e-12)
+
+
+def test_gemm_work_ratio_counts_columns_times_passes():
+    """torch's q·(2·niter+2) against the engine's b·passes, b = max(r, 16) (a multiple of 16 with the
+    AVX-512 kernels), at most min(m, n)."""
+    bench = _load_bench()
+    row = {"r": 64, "m": 1024, "n": 1024, "ours_at_passes": 6, "cheap_s": 0.03, "cheap_q": 192, "cheap_niter": 0}
+    assert bench.gemm_work_ratio(row) == pytest.approx(192 * 2 / (64 * 6))
+    row = {"r": 8, "m": 384, "n": 384, "ours_at_passes": 7, "cheap_s": 0.001, "cheap_q": 18, "cheap_niter": 2}
+    assert bench.gemm_work_ratio(row) == pytest.approx(18 * 6 / (16 * 7))
+    row = {"r": 4, "m": 12, "n": 10, "ours_at_passes": 2, "cheap_s": 0.001, "cheap_q": 10, "cheap_niter": 0}
+    assert bench.gemm_work_ratio(row) == pytest.approx(10 * 2 / (10 * 2))  # b capped at min(m, n)
+    assert bench.gemm_work_ratio({**row, "cheap_s": None}) is None
