@@ -40,6 +40,17 @@ func (c call) start(t *testing.T, p *Pool, queue bool, maxIters int, tol float64
 	return id
 }
 
+// waitFor polls cond every millisecond for up to 10 s, failing the test
+// with what it waited for when cond never holds.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 10 s for %s", what)
+		}
+	}
+}
+
 // unwritten reports whether the outputs of c are still all zero.
 func (c call) unwritten() bool {
 	for _, tt := range []*tensor{c.b, c.a, c.s, c.info} {
@@ -100,6 +111,9 @@ func TestRunSkipsQueue(t *testing.T) {
 	p := NewPool(1)
 	busy, queued := longCall(t), longCall(t)
 	idBusy := busy.start(t, p, true, MaxPowerIters, 0)
+	// Each job takes the worker slot on its own goroutine: submit the second
+	// only once the first holds it (else either may run first; seen on CI).
+	waitFor(t, "the first job to take the worker", func() bool { return len(p.slots) == 1 })
 	idQueued := queued.start(t, p, true, MaxPowerIters, 0)
 
 	g := lowRank(40, 30, 5, 3)
