@@ -638,8 +638,10 @@ def main(argv: list[str] | None = None) -> int:
                             "date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                             "uptime_before": uptime(), "capture_modes": list(CAPTURE_MODES)}
     try:
-        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True).stdout.strip() + " (tree with uncommitted changes)"
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        meta["commit"] = commit + (" (tree with uncommitted changes)" if dirty else "")
     except OSError:
         pass
     log(f"[capture_memory] {meta['uptime_before']}")
