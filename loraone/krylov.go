@@ -892,9 +892,10 @@ func (k *krylov) restartKeep(nq, np int) int {
 // k.sv = Θ (descending), su = Ũ and the leading need rows of svt =
 // Θ⁻¹·Ũᵀ·ts (rows of a zero θ are left as Ũᵀ·ts). Ũ is orthonormal to
 // working precision, those rows of svt to about ε·(θ₁/θ_need)²; the
-// other rows of svt are not written (no consumer reads them). It reports false, with nothing written that
-// the SVD would not overwrite, when no Syevd is injected, nq > np,
-// θ_need < minRatio·θ₁ (a rank-deficient T), or Syevd fails.
+// other rows of svt are not written (no consumer reads them). It reports
+// false, with nothing written that the SVD would not overwrite, when no
+// Syevd is injected, nq > np, θ_need < minRatio·θ₁ (a rank-deficient T),
+// or Syevd fails.
 func (k *krylov) gramSVD(ts, su, svt blas64.General, need int, minRatio float64) bool {
 	nq, np := ts.Rows, ts.Cols
 	if k.kn.eig == nil || nq > np || nq < need {

@@ -162,7 +162,7 @@ def forks_after_engine_use() -> str:
     """One fresh interpreter that used the engine, then forks three ways: a multiprocessing "fork" pool, DataLoader
     fork workers, and a child calling initialize."""
     return ok(run_py("""
-        import multiprocessing as mp, os, sys, time, torch, peft_loraone
+        import multiprocessing as mp, os, torch, peft_loraone
         from torch.utils.data import DataLoader
         from peft import LoraConfig, get_peft_model
         from forkwait import wait_child
